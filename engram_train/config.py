@@ -1,0 +1,308 @@
+"""Typed schema for every Hydra config group, registered in Hydra's ConfigStore.
+
+Hydra merges the YAML presets in ``conf/`` onto these dataclasses, so an unknown key or a value of the
+wrong type is rejected while composing. Range checks (``validate``) run right after, before any work,
+and name the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """Megatron-core GPT backbone with MoE layers."""
+
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    #: FFN width of layers that are dense (only used when ``moe_layer_freq`` leaves some layers dense).
+    ffn_hidden_size: int = 256
+    #: Routed experts per MoE layer; 0 turns every layer into a dense FFN.
+    num_experts: int = 8
+    moe_router_topk: int = 2
+    #: FFN width of one routed expert.
+    moe_ffn_hidden_size: int = 128
+    #: FFN width of the always-on shared expert (0: none).
+    moe_shared_expert_intermediate_size: int = 0
+    #: 1: every layer is MoE; k: every k-th layer is MoE, the rest dense.
+    moe_layer_freq: int = 1
+    moe_aux_loss_coeff: float = 0.01
+    #: Megatron token dispatcher: alltoall or allgather.
+    moe_token_dispatcher: str = "alltoall"
+    init_std: float = 0.02
+    rotary_base: int = 10000
+    #: Pad the vocabulary to a multiple of this (times TP), as Megatron does.
+    make_vocab_size_divisible_by: int = 64
+
+
+@dataclass
+class EngramConfig:
+    """Engram conditional memory (DESIGN.md section 3) and its host-RAM table (section 4)."""
+
+    #: False gives the MoE baseline: same code, no Engram blocks, no table.
+    enabled: bool = True
+    #: 0-based backbone layer indices that get an Engram block before their attention.
+    layers: list[int] = field(default_factory=lambda: [1])
+    #: Suffix n-gram orders hashed at every Engram layer.
+    ngram_orders: list[int] = field(default_factory=lambda: [2, 3])
+    #: Hash heads per n-gram order; each head has its own prime-sized sub-table.
+    heads_per_order: int = 8
+    #: Embedding width of one head; a layer's memory vector is heads x orders x head_dim.
+    head_dim: int = 32
+    #: Target rows of one head table; the real size is the next unused prime at or above it.
+    rows_per_head: int = 4099
+    #: Seed of the hash multipliers (layer l uses seed + 10007 * l).
+    seed: int = 0
+    #: Short causal depthwise conv kernel; its dilation is the largest n-gram order.
+    conv_kernel_size: int = 4
+    #: Apply sign(x)*sqrt(|x|) to the gate logit before the sigmoid, as the released demo does.
+    gate_signed_sqrt: bool = True
+    #: Learning-rate multiplier of the table (paper: 5x the backbone's).
+    lr_multiplier: float = 5.0
+    #: Table optimizer: adam (2 states per element), rowwise_adam, rowwise_adagrad (1 scalar per row).
+    optimizer: str = "adam"
+    #: Storage dtype of table rows (optimizer math is always fp32).
+    table_dtype: str = "float32"
+    #: none: look up on the critical path; overlap: prefetch on a background thread.
+    prefetch: str = "none"
+    #: Ranks holding table shards (0: every rank).
+    shards: int = 0
+    #: Std of the normal init of table rows.
+    init_std: float = 0.02
+    #: Use DeepSpeed's CPU Adam kernel for the table update where it applies.
+    use_cpu_adam: bool = True
+    #: Restart the n-gram history after every EOS (the released demo does not).
+    reset_at_doc_boundary: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    """Backbone parallelism; world = tp x dp, experts split over ep inside dp."""
+
+    tp: int = 1
+    ep: int = 1
+    #: Backend of the backbone groups: auto picks nccl on GPU, gloo on CPU. The table is always gloo.
+    backend: str = "auto"
+    #: Seconds a collective may wait before a dead peer turns into an error.
+    timeout_s: int = 300
+
+
+@dataclass
+class DataConfig:
+    """Packed webdataset shards produced by ``python -m data_pipelines.prepare``."""
+
+    #: Folder holding manifest.json, tokenizer.json and the train/val shards.
+    path: str = "data/debian-docs"
+    #: Tokens per training sequence (shards hold seq_len + 1 tokens per row for the shifted labels).
+    seq_len: int = 128
+    #: Loader worker processes per rank (they also compute the Engram hash ids).
+    num_workers: int = 1
+    #: Samples in the shuffle buffer (0: no sample shuffle; shards are always shuffled per epoch).
+    shuffle_buffer: int = 64
+    #: error: stop at a bad shard; skip: log it, count it in metrics and go on.
+    on_bad_shard: str = "error"
+    #: Verify every shard's sha256 against the manifest at start-up.
+    verify_checksums: bool = True
+
+
+@dataclass
+class OptimConfig:
+    """AdamW for the backbone; the Engram table's optimizer is set in ``engram``."""
+
+    lr: float = 3e-3
+    #: Final learning rate as a fraction of ``lr``.
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    #: cosine or wsd (warmup-stable-decay).
+    schedule: str = "cosine"
+    warmup_tokens: int = 50_000
+    #: wsd only: share of the run spent in the final decay.
+    decay_fraction: float = 0.2
+    #: Clip the global gradient norm (backbone + table) to this; 0 disables.
+    grad_clip: float = 1.0
+    #: What to do when the loss or gradient norm is NaN/inf: stop or skip the step.
+    on_nonfinite: str = "stop"
+
+
+@dataclass
+class WandbConfig:
+    #: offline (default: a real run folder, sync later), online, or disabled.
+    mode: str = "offline"
+    project: str = "engram-train"
+    entity: str | None = None
+
+
+@dataclass
+class ExperimentConfig:
+    """What one run trains on and for how long; budgets are in tokens."""
+
+    name: str = "tiny"
+    seed: int = 1234
+    #: Run folder (checkpoints, metrics.jsonl, resolved config, W&B).
+    run_dir: str = "outputs/${experiment.name}"
+    #: Tokens seen by the whole run.
+    total_tokens: int = 1_000_000
+    #: Tokens per optimizer step over all data-parallel ranks; accumulation is derived.
+    batch_tokens: int = 4096
+    #: Sequences per forward/backward on one rank.
+    micro_batch_size: int = 8
+    log_every: int = 10
+    eval_every: int = 100
+    #: Validation tokens per evaluation.
+    eval_tokens: int = 32768
+    #: Save a checkpoint every N steps (0: only at the end).
+    checkpoint_every: int = 0
+    #: Keep the newest K checkpoints.
+    keep_checkpoints: int = 2
+    #: Resume from the newest complete checkpoint in run_dir when one exists.
+    auto_resume: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engram: EngramConfig = field(default_factory=EngramConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+
+
+_GROUPS = {
+    "model": ModelConfig,
+    "engram": EngramConfig,
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "experiment": ExperimentConfig,
+}
+
+
+def register_configs() -> None:
+    """Register the top-level schema and one schema per group (used by ``defaults: [schema]``)."""
+    store = ConfigStore.instance()
+    store.store(name="config_schema", node=Config)
+    for group, schema in _GROUPS.items():
+        store.store(group=group, name="schema", node=schema)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    _check(value in options, key, value, f"choose one of {', '.join(options)}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks that types alone cannot express."""
+    m, e, p, d, o, x = cfg.model, cfg.engram, cfg.parallel, cfg.data, cfg.optim, cfg.experiment
+    for key, value in [
+        ("model.num_layers", m.num_layers),
+        ("model.hidden_size", m.hidden_size),
+        ("model.num_attention_heads", m.num_attention_heads),
+        ("model.ffn_hidden_size", m.ffn_hidden_size),
+        ("model.moe_ffn_hidden_size", m.moe_ffn_hidden_size),
+        ("model.moe_layer_freq", m.moe_layer_freq),
+        ("data.seq_len", d.seq_len),
+        ("experiment.batch_tokens", x.batch_tokens),
+        ("experiment.total_tokens", x.total_tokens),
+        ("experiment.micro_batch_size", x.micro_batch_size),
+        ("experiment.log_every", x.log_every),
+        ("experiment.eval_every", x.eval_every),
+        ("experiment.keep_checkpoints", x.keep_checkpoints),
+        ("parallel.tp", p.tp),
+        ("parallel.ep", p.ep),
+        ("parallel.timeout_s", p.timeout_s),
+    ]:
+        _check(value >= 1, key, value, "must be a positive integer")
+    _check(m.num_experts >= 0, "model.num_experts", m.num_experts, "must be >= 0 (0: dense FFN)")
+    if m.num_experts:
+        _check(
+            1 <= m.moe_router_topk <= m.num_experts,
+            "model.moe_router_topk",
+            m.moe_router_topk,
+            f"must be between 1 and model.num_experts={m.num_experts}",
+        )
+    _check(
+        m.hidden_size % m.num_attention_heads == 0,
+        "model.hidden_size",
+        m.hidden_size,
+        f"must be divisible by model.num_attention_heads={m.num_attention_heads}",
+    )
+    _choice("model.moe_token_dispatcher", m.moe_token_dispatcher, ("alltoall", "allgather"))
+    _check(m.moe_aux_loss_coeff >= 0, "model.moe_aux_loss_coeff", m.moe_aux_loss_coeff, "must be >= 0")
+
+    if e.enabled:
+        _check(len(e.layers) > 0, "engram.layers", e.layers, "list at least one layer (or set engram.enabled=false)")
+        for layer in e.layers:
+            _check(
+                0 <= layer < m.num_layers,
+                "engram.layers",
+                list(e.layers),
+                f"every index must lie in [0, model.num_layers={m.num_layers})",
+            )
+        _check(len(set(e.layers)) == len(e.layers), "engram.layers", list(e.layers), "indices must be distinct")
+        _check(len(e.ngram_orders) > 0, "engram.ngram_orders", e.ngram_orders, "list at least one order >= 2")
+        for order in e.ngram_orders:
+            _check(2 <= order <= 8, "engram.ngram_orders", list(e.ngram_orders), "every order must be in [2, 8]")
+        _check(len(set(e.ngram_orders)) == len(e.ngram_orders), "engram.ngram_orders", list(e.ngram_orders), "orders must be distinct")
+        _check(e.heads_per_order >= 1, "engram.heads_per_order", e.heads_per_order, "must be >= 1")
+        _check(e.head_dim >= 1, "engram.head_dim", e.head_dim, "must be >= 1")
+        _check(e.rows_per_head >= 2, "engram.rows_per_head", e.rows_per_head, "must be >= 2")
+        _check(e.conv_kernel_size >= 1, "engram.conv_kernel_size", e.conv_kernel_size, "must be >= 1")
+        _check(e.lr_multiplier > 0, "engram.lr_multiplier", e.lr_multiplier, "must be > 0")
+        _check(e.init_std > 0, "engram.init_std", e.init_std, "must be > 0")
+        _check(e.shards >= 0, "engram.shards", e.shards, "must be >= 0 (0: every rank holds a shard)")
+    _choice("engram.optimizer", e.optimizer, ("adam", "rowwise_adam", "rowwise_adagrad"))
+    _choice("engram.table_dtype", e.table_dtype, ("float32", "bfloat16"))
+    _choice("engram.prefetch", e.prefetch, ("none", "overlap"))
+
+    _choice("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 0")
+    _choice("data.on_bad_shard", d.on_bad_shard, ("error", "skip"))
+
+    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(0 <= o.beta1 < 1, "optim.beta1", o.beta1, "must be in [0, 1)")
+    _check(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "must be in [0, 1)")
+    _check(o.eps > 0, "optim.eps", o.eps, "must be > 0")
+    _choice("optim.schedule", o.schedule, ("cosine", "wsd"))
+    _check(o.warmup_tokens >= 0, "optim.warmup_tokens", o.warmup_tokens, "must be >= 0")
+    _check(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction, "must be in (0, 1]")
+    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+    _choice("optim.on_nonfinite", o.on_nonfinite, ("stop", "skip"))
+
+    _choice("experiment.wandb.mode", x.wandb.mode, ("offline", "online", "disabled"))
+    _check(x.eval_tokens >= d.seq_len, "experiment.eval_tokens", x.eval_tokens, f"must be >= data.seq_len={d.seq_len}")
+    _check(x.checkpoint_every >= 0, "experiment.checkpoint_every", x.checkpoint_every, "must be >= 0 (0: only at the end)")
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Turn a composed Hydra config into the typed ``Config`` and validate it."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    merged = OmegaConf.merge(OmegaConf.structured(Config), container)
+    typed: Config = OmegaConf.to_object(merged)
+    validate(typed)
+    return typed
+
+
+register_configs()
