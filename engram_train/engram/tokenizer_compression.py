@@ -1,0 +1,82 @@
+"""Vocabulary compression P: raw token id -> canonical id (DESIGN.md section 3, step 1).
+
+Byte-level BPE spends many ids on spellings of one word ("The", " the", "THE"). Engram hashes
+n-grams of canonical ids so those spellings share memory rows; the paper cuts a 128k vocabulary
+by ~23% this way. The normalisation follows DeepSeek's released demo (``CompressedTokenizer``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from tokenizers import Regex, Tokenizer, normalizers
+
+EOS_TOKEN = "<|endoftext|>"
+
+# Holds the single space of a whitespace-only token through Strip, as the released demo does.
+_SENTINEL = "\ue000"
+
+_NORMALIZER = normalizers.Sequence(
+    [
+        normalizers.NFKC(),
+        normalizers.NFD(),
+        normalizers.StripAccents(),
+        normalizers.Lowercase(),
+        normalizers.Replace(Regex(r"\s+"), " "),
+        normalizers.Replace(Regex(r"^ $"), _SENTINEL),
+        normalizers.Strip(),
+        normalizers.Replace(_SENTINEL, " "),
+    ]
+)
+
+
+def canonical_key(tokenizer: Tokenizer, token_id: int) -> tuple[str, str]:
+    """The string that decides which raw ids share a canonical id.
+
+    A byte-level piece that is not valid UTF-8 on its own decodes to U+FFFD; normalising that would
+    merge every such piece into one id, so it keeps its vocabulary string instead. The tag keeps
+    such a raw string from ever equalling the normalised text of a decodable token.
+    """
+    text = tokenizer.decode([token_id], skip_special_tokens=False)
+    if "\ufffd" in text:
+        return ("raw", tokenizer.id_to_token(token_id))
+    norm = _NORMALIZER.normalize_str(text)
+    return ("text", norm if norm else text)
+
+
+def build_compression_table(tokenizer: Tokenizer) -> np.ndarray:
+    """int64 array of length vocab_size mapping raw id -> canonical id.
+
+    Canonical ids are numbered by first appearance over raw ids 0..V-1, so they are dense in
+    [0, V') and the table is a pure function of the tokenizer's vocabulary.
+    """
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    key_to_id: dict[tuple[str, str], int] = {}
+    table = np.empty(vocab_size, dtype=np.int64)
+    for token_id in range(vocab_size):
+        key = canonical_key(tokenizer, token_id)
+        table[token_id] = key_to_id.setdefault(key, len(key_to_id))
+    return table
+
+
+def num_canonical(table: np.ndarray) -> int:
+    """V', the number of canonical ids (they are dense, starting at 0)."""
+    return int(table.max()) + 1 if table.size else 0
+
+
+def table_fingerprint(table: np.ndarray) -> str:
+    """sha256 of the table; hash ids (and so a trained table) are only valid for this mapping."""
+    data = np.ascontiguousarray(table, dtype="<i8").tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def eos_token_id(tokenizer: Tokenizer) -> int:
+    """Raw id of ``<|endoftext|>``, the default n-gram pad and document boundary."""
+    token_id = tokenizer.token_to_id(EOS_TOKEN)
+    if token_id is None:
+        raise ValueError(
+            f"tokenizer has no {EOS_TOKEN!r} token; Engram pads n-grams with it. "
+            f"Train the tokenizer with {EOS_TOKEN!r} as a special token."
+        )
+    return token_id
