@@ -1,0 +1,41 @@
+"""Megatron-core backbone: GPTModel with MoE layers and Engram blocks at chosen layers."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+# Megatron warns at import that Transformer Engine and Apex are absent; without a GPU that is expected.
+warnings.filterwarnings("ignore", module=r"megatron\..*")
+
+from engram_train.backbone.model import EngramLayout, EngramMoEModel
+
+
+def build_model(cfg, *, vocab_size: int, dims) -> EngramMoEModel:
+    """Build the backbone for this rank's TP/EP shard; CPU compatibility is applied only without a GPU."""
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        from engram_train.backbone.cpu_compat import apply_cpu_compat
+
+        apply_cpu_compat()
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.experiment.seed)
+    multiple = cfg.model.make_vocab_size_divisible_by * dims.tp
+    padded_vocab = -(-vocab_size // multiple) * multiple
+    model = EngramMoEModel(
+        cfg.model,
+        EngramLayout.from_config(cfg.engram),
+        vocab_size=padded_vocab,
+        seq_len=cfg.data.seq_len,
+        gate_signed_sqrt=cfg.engram.gate_signed_sqrt,
+        conv_kernel_size=cfg.engram.conv_kernel_size,
+        tp=dims.tp,
+        ep=dims.ep,
+        on_cpu=on_cpu,
+    )
+    return model.cuda() if not on_cpu else model
+
+
+__all__ = ["EngramLayout", "EngramMoEModel", "build_model"]

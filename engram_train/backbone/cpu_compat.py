@@ -1,0 +1,77 @@
+"""Run megatron-core 0.16.1's GPTModel + MoE on a CPU-only torch.
+
+Megatron assumes CUDA in a handful of places (facts measured in shared/notes/megatron_on_cpu.md).
+``apply_cpu_compat`` redirects exactly those to the CPU and is called only when no GPU is
+present, so the GPU path runs Megatron untouched. Every redirection is listed here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_applied = False
+
+
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+
+def _cpu_get_rng_state(device=None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    state = torch.get_rng_state()
+    return state.clone() if clone else state
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device=None, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _cpu_dtoh_and_synchronize(self, point: str, tokens_per_expert: torch.Tensor | None = None):
+    """CPU twin of MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize: no streams, no events.
+
+    The all-to-all needs its split sizes as host values; on CPU they only change type.
+    """
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        for name in ("input_splits", "output_splits", "output_splits_tp"):
+            value = getattr(self, name, None)
+            if torch.is_tensor(value):
+                setattr(self, name, value.numpy())
+    return tokens_per_expert
+
+
+def apply_cpu_compat() -> None:
+    """Redirect Megatron's CUDA-only calls to the CPU. Idempotent; refuses to run with a GPU."""
+    global _applied
+    if _applied:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("apply_cpu_compat() is for CPU-only runs; a GPU is present, use Megatron as is")
+
+    import megatron.core.fusions.fused_softmax as fused_softmax
+    import megatron.core.tensor_parallel.random as tp_random
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+    import megatron.core.transformer.utils as transformer_utils
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    # 1. ~40 call sites ask for torch.cuda.current_device() to place tensors.
+    torch.cuda.current_device = lambda: torch.device("cpu")
+
+    # 2. The model-parallel RNG tracker saves and restores CUDA generator state; use the CPU generator.
+    # torch.cuda.manual_seed must not become torch.manual_seed (which calls back into torch.cuda).
+    tp_random._get_cuda_rng_state = _cpu_get_rng_state
+    tp_random._set_cuda_rng_state = _cpu_set_rng_state
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+
+    # 3. The default causal mask is allocated on "cuda" (and imported by name into fused_softmax).
+    transformer_utils.get_default_causal_mask = _cpu_causal_mask
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask
+
+    # 4. The router's GEMM name only exists when Transformer Engine imports.
+    moe_utils.te_general_gemm = None
+
+    # 5. The alltoall dispatcher makes a CUDA stream in __init__ and syncs with CUDA events.
+    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "cpu: no streams"
+    MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = _cpu_dtoh_and_synchronize
+
+    _applied = True

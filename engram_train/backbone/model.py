@@ -1,0 +1,189 @@
+"""Megatron-core GPTModel with MoE layers, and Engram blocks inserted before chosen layers.
+
+The Engram block at layer l adds ``y = EngramBlock(h, e_l)`` to the residual stream right before
+layer l's attention. It is inserted with a forward pre-hook on Megatron's TransformerLayer rather
+than by wrapping or re-specifying the layer, so Megatron's own modules, parameter names and
+parallel layouts stay exactly as in the MoE baseline: Engram off is the same model minus the hooks.
+The table rows ``e`` are looked up outside the model (host-RAM table, engram_train/memory) and
+handed to ``forward``; the model never owns the table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer import TransformerConfig
+from torch import nn
+
+from engram_train.config import EngramConfig, ModelConfig
+from engram_train.backbone.moe_stats import MoELoadTracker
+from engram_train.engram.module import EngramBlock
+
+
+@dataclass(frozen=True)
+class EngramLayout:
+    """How the looked-up rows map onto the backbone: which layers, and the width of one layer's memory."""
+
+    layers: tuple[int, ...]
+    heads_total: int
+    head_dim: int
+    max_order: int
+
+    @property
+    def memory_dim(self) -> int:
+        return self.heads_total * self.head_dim
+
+    @classmethod
+    def from_config(cls, engram: EngramConfig) -> "EngramLayout | None":
+        if not engram.enabled:
+            return None
+        return cls(
+            layers=tuple(engram.layers),
+            heads_total=len(engram.ngram_orders) * engram.heads_per_order,
+            head_dim=engram.head_dim,
+            max_order=max(engram.ngram_orders),
+        )
+
+
+def transformer_config(model: ModelConfig, *, tp: int, ep: int, on_cpu: bool) -> TransformerConfig:
+    """Megatron TransformerConfig from our schema; dropout off so runs are bit-reproducible."""
+    moe = model.num_experts > 0
+    extra = {}
+    if moe:
+        extra = dict(
+            num_moe_experts=model.num_experts,
+            moe_router_topk=model.moe_router_topk,
+            moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+            moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+            moe_token_dispatcher_type=model.moe_token_dispatcher,
+            moe_router_load_balancing_type="aux_loss",
+            moe_grouped_gemm=False,
+            moe_layer_freq=model.moe_layer_freq,
+            moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size or None,
+            moe_router_dtype="fp32",
+        )
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        init_method_std=model.init_std,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        sequence_parallel=tp > 1 and moe,
+        params_dtype=torch.float32,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=not on_cpu,
+        persist_layer_norm=False,
+        cross_entropy_loss_fusion=False,
+        **extra,
+    )
+
+
+class EngramMoEModel(nn.Module):
+    """GPTModel (MoE) plus Engram blocks; returns per-token loss [batch, seq] like GPTModel."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        layout: EngramLayout | None,
+        *,
+        vocab_size: int,
+        seq_len: int,
+        gate_signed_sqrt: bool = True,
+        conv_kernel_size: int = 4,
+        tp: int = 1,
+        ep: int = 1,
+        on_cpu: bool = True,
+    ):
+        super().__init__()
+        self.config = transformer_config(model, tp=tp, ep=ep, on_cpu=on_cpu)
+        spec = get_gpt_decoder_block_spec(self.config, use_transformer_engine=False, normalization="RMSNorm")
+        self.gpt = GPTModel(
+            config=self.config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab_size,
+            max_sequence_length=seq_len,
+            position_embedding_type="rope",
+            rotary_base=model.rotary_base,
+            share_embeddings_and_output_weights=False,
+        )
+        self.moe_load = MoELoadTracker(self.gpt)
+        self.layout = layout
+        self.engram_blocks = nn.ModuleDict()
+        self._rows: torch.Tensor | None = None
+        if layout is not None:
+            for index, layer in enumerate(layout.layers):
+                self.engram_blocks[str(layer)] = EngramBlock(
+                    hidden_size=model.hidden_size,
+                    memory_dim=layout.memory_dim,
+                    max_order=layout.max_order,
+                    kernel_size=conv_kernel_size,
+                    gate_signed_sqrt=gate_signed_sqrt,
+                )
+                self.gpt.decoder.layers[layer].register_forward_pre_hook(
+                    self._make_engram_hook(layer, index), with_kwargs=True
+                )
+
+    def _make_engram_hook(self, layer: int, index: int):
+        block = self.engram_blocks[str(layer)]
+
+        def add_engram(module, args, kwargs):
+            if self._rows is None:
+                raise RuntimeError(f"Engram layer {layer}: forward() was called without engram_rows")
+            if callable(self._rows):  # a prefetched lookup: wait for it only now, at the first Engram layer
+                self._rows = self._rows()
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            # rows: [batch, seq, layers, heads, dim] -> this layer's memory as [seq, batch, heads*dim]
+            memory = self._rows[:, :, index].flatten(-2).transpose(0, 1)
+            hidden = hidden + block(hidden, memory)
+            if "hidden_states" in kwargs:
+                kwargs["hidden_states"] = hidden
+                return args, kwargs
+            return (hidden, *args[1:]), kwargs
+
+        return add_engram
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        engram_rows: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Per-token cross-entropy [batch, seq].
+
+        ``engram_rows`` [batch, seq, engram layers, heads, head_dim]: the table rows of this batch's hash
+        ids, or a callable producing them (a prefetch still in flight, awaited at the first Engram layer).
+        """
+        if self.layout is not None and engram_rows is None:
+            raise ValueError("this model has Engram layers: pass engram_rows (table.lookup(hash_ids))")
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+        self._rows = engram_rows
+        try:
+            return self.gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=None, labels=labels)
+        finally:
+            self._rows = None
+
+    def gate_means(self) -> dict[int, float]:
+        """Mean Engram gate per layer from the last forward (a health signal: ~0 means memory unused)."""
+        return {int(layer): block.last_gate_mean for layer, block in self.engram_blocks.items()}
+
+    def num_parameters(self) -> dict[str, int]:
+        """Parameter counts: total backbone, Engram blocks (projections/norms/conv; the table is separate)."""
+        engram = sum(p.numel() for p in self.engram_blocks.parameters())
+        total = sum(p.numel() for p in self.parameters())
+        return {"backbone": total - engram, "engram_blocks": engram}

@@ -1,0 +1,55 @@
+"""MoE load-balance monitoring: tokens routed to each expert, and Megatron's aux loss per step.
+
+Counts come from forward hooks on Megatron's routers (their routing map is exact), so the numbers
+describe what the dispatcher really did rather than a recomputation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.moe import moe_utils
+from megatron.core.transformer.moe.router import TopKRouter
+
+
+class MoELoadTracker:
+    def __init__(self, model: torch.nn.Module):
+        self.routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
+        self.num_experts = self.routers[0].config.num_moe_experts if self.routers else 0
+        self.counts = torch.zeros(len(self.routers), max(1, self.num_experts), dtype=torch.float64)
+        for index, router in enumerate(self.routers):
+            router.register_forward_hook(self._make_hook(index))
+
+    def _make_hook(self, index: int):
+        def count(module, args, output):
+            _, routing_map = output
+            self.counts[index] += routing_map.detach().sum(dim=0).to(torch.float64)
+
+        return count
+
+    def reset(self) -> None:
+        self.counts.zero_()
+        moe_utils.clear_aux_losses_tracker()
+
+    def summary(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
+        """Tokens per expert (summed over layers and the group), imbalance = max/mean, and the aux loss."""
+        if not self.routers:
+            return {}
+        counts = self.counts.clone()
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(counts, group=group)
+        per_expert = counts.sum(dim=0)
+        mean = per_expert.mean().clamp_min(1e-9)
+        stats = {
+            "moe_load_imbalance": float(per_expert.max() / mean),
+            "moe_load_cv": float(per_expert.std(unbiased=False) / mean),
+        }
+        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        if "load_balancing_loss" in tracker:
+            values = tracker["load_balancing_loss"]["values"]
+            moe_layers = values[values != 0]
+            if moe_layers.numel():
+                stats["moe_aux_loss"] = float(moe_layers.mean())
+        for expert, tokens in enumerate(per_expert.tolist()):
+            stats[f"moe_tokens/expert_{expert}"] = tokens
+        return stats

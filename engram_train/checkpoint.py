@@ -1,0 +1,141 @@
+"""Atomic, resumable checkpoints: one folder per step, valid only once its completion marker exists.
+
+Layout of ``<run_dir>/checkpoints/step_00000100/``: ``rank_<r>.pt`` (this rank's backbone shard,
+optimizer, loader position, RNG states), the table's own shard files, ``meta.json`` and ``COMPLETE``.
+Everything is written into ``step_<n>.partial`` first; after a barrier rank 0 writes the marker and
+renames the folder, so a crash at any moment leaves either a complete checkpoint or an ignored partial
+one. Files load with ``weights_only=True``: checkpoints hold tensors and plain Python values only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match the run."""
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return _to_plain(state)
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy[0], np.asarray(numpy[1], dtype=np.uint32), *numpy[2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _to_plain(value: Any) -> Any:
+    """Numpy arrays and tuples to types the weights_only unpickler accepts."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if isinstance(value, (tuple, list)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, *, rank: int, world: int, keep: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.rank = rank
+        self.world = world
+        self.keep = keep
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"step_{step:08d}"
+
+    def latest(self) -> Path | None:
+        """Newest complete checkpoint; partial folders (no marker) are ignored."""
+        if not self.root.exists():
+            return None
+        complete = [
+            d for d in self.root.iterdir() if _STEP_DIR.match(d.name) and (d / MARKER).exists()
+        ]
+        return max(complete, key=lambda d: int(_STEP_DIR.match(d.name).group(1)), default=None)
+
+    def save(
+        self,
+        step: int,
+        state: dict[str, Any],
+        *,
+        meta: dict[str, Any],
+        extra_writers: list[Callable[[Path], None]] = (),
+    ) -> Path:
+        """Collective: every rank writes its part, rank 0 seals the folder. Returns the final path."""
+        final = self.step_dir(step)
+        partial = final.with_name(final.name + ".partial")
+        if self.rank == 0:
+            if partial.exists():
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)
+        _barrier()
+        atomic_torch_save(state, partial / f"rank_{self.rank}.pt")
+        for write in extra_writers:
+            write(partial)
+        _barrier()
+        if self.rank == 0:
+            (partial / "meta.json").write_text(json.dumps({**meta, "step": step, "world": self.world}, indent=2))
+            (partial / MARKER).write_text("ok\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        complete = sorted(d for d in self.root.iterdir() if _STEP_DIR.match(d.name) and (d / MARKER).exists())
+        for old in complete[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        """This rank's state and the checkpoint's meta.json, checked for completeness and layout."""
+        path = Path(path)
+        if not (path / MARKER).exists():
+            raise CheckpointError(f"{path}: not a complete checkpoint (no {MARKER} marker); pick another step folder")
+        meta = json.loads((path / "meta.json").read_text())
+        if meta["world"] != self.world:
+            raise CheckpointError(
+                f"{path}: written by {meta['world']} ranks, this run has {self.world}; "
+                f"relaunch with {meta['world']} processes to resume it"
+            )
+        state = torch.load(path / f"rank_{self.rank}.pt", map_location="cpu", weights_only=True)
+        return state, meta
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,149 @@
+"""Process groups: Megatron's TP/EP/DP groups for the backbone, and a separate gloo group for the table.
+
+``ParallelDims`` is the one object that knows every group size; it is built once from the config and
+the launcher's environment (torchrun or SLURM), validated with errors that say how to fix the launch,
+and nothing else in the code base reads RANK/WORLD_SIZE.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from engram_train.config import Config, ConfigError
+
+
+def _launcher_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world) from torchrun, else SLURM (one task per rank), else a single process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
+    return 0, 0, 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Group sizes. world = tp x dp; experts are split over ep ranks inside each dp group."""
+
+    world: int
+    rank: int
+    local_rank: int
+    tp: int
+    ep: int
+    table_shards: int
+    backend: str
+    timeout_s: int
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.tp
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, world: int | None = None, rank: int | None = None) -> "ParallelDims":
+        env_rank, local_rank, env_world = _launcher_env()
+        world = env_world if world is None else world
+        rank = env_rank if rank is None else rank
+        p, m = cfg.parallel, cfg.model
+        backend = p.backend
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        shards = cfg.engram.shards or world
+        dims = cls(world, rank, local_rank, p.tp, p.ep, shards, backend, p.timeout_s)
+        dims.validate(num_experts=m.num_experts, num_heads=m.num_attention_heads)
+        return dims
+
+    def validate(self, *, num_experts: int, num_heads: int) -> None:
+        if self.world % self.tp:
+            raise ConfigError(
+                f"parallel.tp={self.tp} does not divide the world size {self.world}; "
+                f"launch a multiple of {self.tp} processes (torchrun --nproc-per-node) or lower parallel.tp"
+            )
+        if num_heads % self.tp:
+            raise ConfigError(f"parallel.tp={self.tp} must divide model.num_attention_heads={num_heads}")
+        if self.ep > 1 and num_experts == 0:
+            raise ConfigError(f"parallel.ep={self.ep} needs MoE layers; model.num_experts is 0")
+        if num_experts and num_experts % self.ep:
+            raise ConfigError(f"parallel.ep={self.ep} must divide model.num_experts={num_experts}")
+        if self.world % (self.tp * self.ep):
+            raise ConfigError(
+                f"parallel.tp x parallel.ep = {self.tp * self.ep} must divide the world size {self.world}; "
+                "experts are split over ep ranks inside the data-parallel group"
+            )
+        if self.table_shards != self.world:
+            raise ConfigError(
+                f"engram.shards={self.table_shards}: every rank holds a table shard, so it must equal the "
+                f"world size {self.world} (or 0 for 'every rank')"
+            )
+
+
+@dataclass
+class ProcessGroups:
+    """Live groups: ``table`` is gloo over CPU tensors even when the backbone runs NCCL on GPUs."""
+
+    dims: ParallelDims
+    table: dist.ProcessGroup | None
+    data_parallel_rank: int
+    data_parallel_world: int
+
+
+def init_process_groups(dims: ParallelDims) -> ProcessGroups:
+    """Start torch.distributed (a one-process group when not launched by torchrun/SLURM) and Megatron's groups."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        if dims.world == 1 and "MASTER_ADDR" not in os.environ:
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        else:
+            init_method = "env://"
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+            os.environ.setdefault("RANK", str(dims.rank))
+            os.environ.setdefault("WORLD_SIZE", str(dims.world))
+        dist.init_process_group(
+            backend=dims.backend,
+            init_method=init_method,
+            rank=dims.rank,
+            world_size=dims.world,
+            timeout=datetime.timedelta(seconds=dims.timeout_s),
+        )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dims.local_rank)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=dims.tp,
+        expert_model_parallel_size=dims.ep,
+        distributed_timeout_minutes=max(1, dims.timeout_s // 60),
+    )
+    table_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=dims.timeout_s))
+    return ProcessGroups(
+        dims=dims,
+        table=table_group,
+        data_parallel_rank=parallel_state.get_data_parallel_rank(),
+        data_parallel_world=parallel_state.get_data_parallel_world_size(),
+    )
+
+
+def destroy_process_groups() -> None:
+    """Tear down cleanly: without it world-2 gloo runs sometimes abort at exit."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
