@@ -1,0 +1,73 @@
+"""Prefetch table rows on a background thread (``engram.prefetch=overlap``).
+
+The hash ids of step t are known as soon as its batch arrives, long before the first Engram layer
+runs, so the lookup (dedup, three gloo all-to-alls, row gathers) can run on a worker thread while
+the main thread loads data and runs the layers below the first Engram layer. gloo collectives and
+torch's CPU kernels release the GIL, so the two really overlap.
+
+No stale rows: the table bumps ``version`` whenever its rows change (``step``, ``load``) and waits
+for an in-flight prefetch before changing them; ``result()`` redoes the lookup when the version
+moved since the prefetch began. The rows returned are therefore always those a synchronous
+``lookup`` at the time of ``result()`` would return.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from engram_train.memory.table import ShardedEngramTable
+
+
+class TablePrefetcher:
+    """``submit(ids)`` starts a lookup in the background; ``result()`` returns its rows.
+
+    One lookup is in flight at a time; every rank must call ``submit``/``result`` at the same
+    points of the step (the lookup is collective).
+    """
+
+    def __init__(self, table: ShardedEngramTable):
+        self.table = table
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch")
+        self._future = None
+        self._ids: torch.Tensor | None = None
+        self._version = -1
+
+    def submit(self, ids: torch.Tensor) -> None:
+        if self._future is not None:
+            raise RuntimeError("TablePrefetcher.submit: the previous prefetch was never collected; call result() first")
+        self.table._drain()
+        self._ids, self._version = ids, self.table.version
+        self._future = self._pool.submit(self._run, ids)
+        self.table._inflight = self._future
+
+    def _run(self, ids: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        rows = self.table._lookup(ids)
+        self.table._stats["lookup_s"] += time.perf_counter() - t0
+        return rows
+
+    def result(self) -> torch.Tensor:
+        """Rows of the submitted ids (float32 leaf with ``requires_grad``), waiting if needed."""
+        if self._future is None:
+            raise RuntimeError("TablePrefetcher.result: nothing submitted")
+        t0 = time.perf_counter()
+        future, ids = self._future, self._ids
+        self._future, self._ids = None, None
+        try:
+            rows = future.result()
+        finally:
+            if self.table._inflight is future:
+                self.table._inflight = None
+        self.table._stats["wait_s"] += time.perf_counter() - t0
+        if self.table.version != self._version:
+            rows = self.table.lookup(ids)  # rows changed after the prefetch began: never serve stale ones
+        return rows
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __del__(self):
+        self._pool.shutdown(wait=False)

@@ -1,0 +1,297 @@
+"""ShardedEngramTable: the Engram rows as a row-sharded parameter server in host RAM.
+
+One logical table (all layers x orders x heads, see ``TableLayout``) is cut into contiguous row
+ranges over a gloo group; each rank allocates only its own rows and their optimizer state.
+
+Forward (``lookup``): dedup ids -> bucket by owner (sorted unique ids are already grouped) ->
+all-to-all counts and ids -> owners gather rows -> all-to-all rows back -> expand with the inverse.
+Backward (``accumulate_grad``): coalesce grads per unique id -> all-to-all ids and grads to owners,
+where they wait until ``step`` runs the sparse optimizer on the touched rows. ``step`` is local: no
+collective, so a clipped/averaged update needs only the caller's all-reduce of ``grad_norm_sq``.
+
+World size 1 is the same code; the exchange just skips the collectives (``group=None`` works
+without ``torch.distributed``).
+
+Collective order: every method that communicates first waits for an in-flight prefetch (see
+``prefetch.py``), so all ranks issue the table's collectives in the same order.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from engram_train.memory.exchange import RowExchange
+from engram_train.memory.sharding import RowSharding
+from engram_train.memory.sparse_optim import OPTIMIZERS, TABLE_DTYPES, build_optimizer, bytes_per_row
+
+#: Rows per init block: row r's initial value depends only on (seed, r // INIT_BLOCK_ROWS, r), so
+#: every world size starts from the same table.
+INIT_BLOCK_ROWS = 1 << 16
+
+
+def init_rows(start: int, end: int, dim: int, std: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """N(0, std^2) rows ``[start, end)``, generated per fixed block so no rank builds the full table."""
+    out = torch.empty((end - start, dim), dtype=dtype)
+    if end <= start:
+        return out
+    for block in range(start // INIT_BLOCK_ROWS, (end - 1) // INIT_BLOCK_ROWS + 1):
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + block) % (2**63))
+        values = torch.randn((INIT_BLOCK_ROWS, dim), generator=gen).mul_(std)
+        lo, hi = max(start, block * INIT_BLOCK_ROWS), min(end, (block + 1) * INIT_BLOCK_ROWS)
+        out[lo - start : hi - start] = values[lo - block * INIT_BLOCK_ROWS : hi - block * INIT_BLOCK_ROWS]
+    return out
+
+
+@dataclass
+class _Plan:
+    """Local part of a lookup: unique ids (ascending) and where each input id lands in them."""
+
+    shape: torch.Size
+    unique: torch.Tensor
+    inverse: torch.Tensor
+    error: str | None
+
+
+class ShardedEngramTable:
+    """Row-sharded Engram table with sparse optimizer, living in host RAM.
+
+    Args:
+        num_rows: rows of the logical table (sum of all sub-tables, ``TableLayout.num_rows``).
+        dim: row width.
+        group: gloo process group of the table shards; ``None`` = one rank, no communication.
+        optimizer: ``adam`` | ``rowwise_adam`` | ``rowwise_adagrad`` (``engram.optimizer``).
+        lr: default learning rate of ``step`` (the caller normally passes the scheduled one).
+        table_dtype: ``float32`` | ``bfloat16`` row storage; optimizer math and state are fp32.
+        init_std, seed: N(0, init_std^2) init, deterministic per (seed, global row).
+        use_cpu_adam: run Adam through DeepSpeed's CPU kernel (falls back to torch if unavailable).
+        fingerprint: identity of the hashing config; stored in checkpoints and checked on load.
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        dim: int,
+        *,
+        group: dist.ProcessGroup | None = None,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        table_dtype: str = "float32",
+        init_std: float = 0.02,
+        seed: int = 0,
+        use_cpu_adam: bool = True,
+        fingerprint: dict | None = None,
+    ):
+        if num_rows < 1 or dim < 1:
+            raise ValueError(f"ShardedEngramTable: num_rows={num_rows} and dim={dim} must both be >= 1")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"engram.optimizer={optimizer!r} is invalid: choose one of {', '.join(OPTIMIZERS)}")
+        if table_dtype not in TABLE_DTYPES:
+            raise ValueError(f"engram.table_dtype={table_dtype!r} is invalid: choose one of {', '.join(TABLE_DTYPES)}")
+        self.num_rows, self.dim = num_rows, dim
+        self.optimizer_name, self.table_dtype = optimizer, table_dtype
+        self.lr = lr
+        self.fingerprint = dict(fingerprint or {})
+        self.exchange = RowExchange(group)
+        self.rank, self.world = self.exchange.rank, self.exchange.world
+        self.sharding = RowSharding(num_rows, self.world)
+        self.start, self.end = self.sharding.range(self.rank)
+        self.rows = init_rows(self.start, self.end, dim, init_std, seed, TABLE_DTYPES[table_dtype])
+        self.optim = build_optimizer(optimizer, self.end - self.start, dim, betas, eps, use_cpu_adam)
+        self.step_count = 0
+        #: Bumped whenever rows change (step, load): a prefetch started earlier is stale.
+        self.version = 0
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pending_unique = True
+        self._plans: dict[int, tuple[weakref.ref, int, _Plan]] = {}
+        self._inflight: Future | None = None
+        self._last_unique_ratio = 1.0
+        self.reset_stats()
+
+    # -- forward ---------------------------------------------------------------------------------
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows for integer ``ids[...]`` as a float32 ``[..., dim]`` leaf with ``requires_grad``."""
+        self._drain()
+        t0 = time.perf_counter()
+        out = self._lookup(ids)
+        dt = time.perf_counter() - t0
+        self._stats["lookup_s"] += dt
+        self._stats["wait_s"] += dt
+        return out
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The lookup itself; safe on the prefetch thread (touches no pending-grad state)."""
+        plan = self._plan(ids)
+        send, recv, owned = self._route(plan)
+        rows = self.rows.index_select(0, owned).float()
+        got = self.exchange.send(rows, recv, send)
+        out = got.index_select(0, plan.inverse).view(*plan.shape, self.dim)
+        self._stats["lookups"] += 1
+        self._last_unique_ratio = plan.unique.numel() / max(1, plan.inverse.numel())
+        return out.requires_grad_(True)
+
+    # -- backward --------------------------------------------------------------------------------
+    def accumulate_grad(self, ids: torch.Tensor, grad: torch.Tensor | None) -> None:
+        """Send the grads of one lookup (``rows.grad``) to the rows' owners; may be called repeatedly."""
+        self._drain()
+        t0 = time.perf_counter()
+        plan = self._plan(ids)
+        if grad is None:
+            raise ValueError("accumulate_grad: grad is None; call it after backward with the looked-up rows' .grad")
+        if tuple(grad.shape) != (*plan.shape, self.dim):
+            raise ValueError(
+                f"accumulate_grad: grad shape {tuple(grad.shape)} does not match ids {tuple(plan.shape)} x dim {self.dim}"
+            )
+        flat = grad.detach().reshape(-1, self.dim).float()
+        coalesced = torch.zeros((plan.unique.numel(), self.dim)).index_add_(0, plan.inverse, flat)
+        send, recv, owned = self._route(plan)
+        got = self.exchange.send(coalesced, send, recv)
+        self._pending.append((owned, got))
+        # One chunk from one rank is already unique; anything else may repeat rows.
+        self._pending_unique = len(self._pending) == 1 and self.world == 1
+        self._stats["grad_s"] += time.perf_counter() - t0
+
+    def _coalesced(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pending (unique local ids, summed grads); rows sent twice (peers, micro-batches) are summed."""
+        if not self._pending:
+            return torch.empty(0, dtype=torch.long), torch.empty((0, self.dim))
+        if not self._pending_unique:
+            ids = torch.cat([p[0] for p in self._pending])
+            grads = torch.cat([p[1] for p in self._pending])
+            unique, inverse = torch.unique(ids, return_inverse=True)
+            summed = torch.zeros((unique.numel(), self.dim)).index_add_(0, inverse, grads)
+            self._pending, self._pending_unique = [(unique, summed)], True
+        return self._pending[0]
+
+    def grad_norm_sq(self) -> float:
+        """Sum of squares of this rank's pending (owned, coalesced) grads; all-reduce it for the norm."""
+        _, grads = self._coalesced()
+        return float(grads.double().square().sum()) if grads.numel() else 0.0
+
+    def step(self, lr: float | None = None, grad_scale: float = 1.0) -> None:
+        """Sparse optimizer step on owned touched rows with ``grads * grad_scale``; clears the grads.
+
+        ``lr`` is the table's learning rate (already multiplied by ``engram.lr_multiplier``);
+        ``None`` uses the constructor's. Every rank must call it (it counts the global step used for
+        bias correction) even when it owns no touched rows. No communication.
+        """
+        self._drain()  # a prefetch may still be reading the rows we are about to write
+        t0 = time.perf_counter()
+        ids, grads = self._coalesced()
+        if grad_scale != 1.0:
+            grads = grads * grad_scale
+        self.step_count += 1
+        self.optim.update(self.rows, ids, grads, self.lr if lr is None else lr, self.step_count)
+        self._pending, self._pending_unique = [], True
+        self.version += 1
+        self._stats["step_s"] += time.perf_counter() - t0
+        self._stats["updated_rows"] += ids.numel()
+
+    def zero_grad(self) -> None:
+        self._pending, self._pending_unique = [], True
+
+    # -- routing ---------------------------------------------------------------------------------
+    def _plan(self, ids: torch.Tensor) -> _Plan:
+        """Dedup + validate ``ids`` (local work only), cached per ids tensor for the backward."""
+        key = id(ids)
+        hit = self._plans.get(key)
+        if hit is not None and hit[0]() is ids and hit[1] == ids._version:
+            return hit[2]
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValueError(f"ShardedEngramTable: ids must be an integer tensor, got {ids.dtype}")
+        flat = ids.reshape(-1).long()
+        error = None
+        if flat.numel():
+            lo, hi = (int(v) for v in torch.aminmax(flat))
+            if lo < 0 or hi >= self.num_rows:
+                error = (
+                    f"Engram ids out of range on table rank {self.rank}: min {lo}, max {hi}, but the table has "
+                    f"{self.num_rows} rows (valid 0..{self.num_rows - 1}); the hashing config (engram.layers, "
+                    "ngram_orders, heads_per_order, rows_per_head) must match the table it was built with"
+                )
+        unique, inverse = torch.unique(flat, return_inverse=True)
+        plan = _Plan(ids.shape, unique, inverse, error)
+        if len(self._plans) >= 16:
+            self._plans = {k: v for k, v in self._plans.items() if v[0]() is not None}
+            if len(self._plans) >= 16:
+                self._plans.pop(next(iter(self._plans)))
+        self._plans[key] = (weakref.ref(ids), ids._version, plan)
+        return plan
+
+    def _route(self, plan: _Plan) -> tuple[list[int], list[int], torch.Tensor]:
+        """Exchange counts and ids; returns (send counts, recv counts, ids we own that peers asked for).
+
+        A rank with bad ids sends -1 counts instead of raising alone, so every rank raises together
+        rather than the healthy ones hanging in the next collective.
+        """
+        if plan.error is None:
+            send = self.sharding.counts_per_owner(plan.unique)
+        else:
+            send = torch.full((self.world,), -1, dtype=torch.long)
+        recv = self.exchange.counts(send)
+        if plan.error is not None:
+            raise ValueError(plan.error)
+        bad = (recv < 0).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"Engram ids out of range on table rank(s) {bad} (see their error); no row was updated")
+        send_l, recv_l = send.tolist(), recv.tolist()
+        owned = self.exchange.send(plan.unique, send_l, recv_l) - self.start
+        return send_l, recv_l, owned
+
+    def _drain(self) -> None:
+        """Wait for an in-flight prefetch so collectives keep one order on every rank."""
+        inflight = self._inflight
+        if inflight is not None:
+            wait_futures([inflight])
+            self._inflight = None
+
+    # -- accounting ------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self._stats = dict.fromkeys(("lookup_s", "wait_s", "grad_s", "step_s"), 0.0)
+        self._stats.update(lookups=0, updated_rows=0)
+
+    def stats(self, reset: bool = True) -> dict:
+        """Memory and timing counters since the last reset, for the trainer's logs.
+
+        ``wait_s``: time the caller was blocked on lookups (whole lookups without prefetch, only the
+        un-hidden remainder with it); ``lookup_s``: total lookup latency (also on the prefetch
+        thread); ``wait_s / step time`` is the share of the step spent waiting for the table.
+        """
+        rows_bytes = self.rows.numel() * self.rows.element_size()
+        out = {
+            "rows": self.num_rows,
+            "local_rows": self.end - self.start,
+            "touched_rows": self.optim.num_slots,
+            "bytes_per_rank": rows_bytes + self.optim.bytes_allocated(),
+            "bytes_per_row": bytes_per_row(self.optimizer_name, self.table_dtype, self.dim),
+            "unique_ratio": self._last_unique_ratio,
+            "step": self.step_count,
+            **self._stats,
+        }
+        if reset:
+            self.reset_stats()
+        return out
+
+    # -- checkpoint ------------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write this rank's rows and optimizer rows under ``path`` (collective; see checkpoint.py)."""
+        from engram_train.memory.checkpoint import save_table
+
+        self._drain()
+        save_table(self, path)
+
+    def load(self, path: str) -> None:
+        """Load a checkpoint written at any world size (collective; see checkpoint.py)."""
+        from engram_train.memory.checkpoint import load_table
+
+        self._drain()
+        load_table(self, path)
+        self.version += 1

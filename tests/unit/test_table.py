@@ -1,0 +1,178 @@
+"""World-1 ShardedEngramTable against nn.Embedding(sparse=True) + torch.optim.SparseAdam."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"))
+
+from engram_train.memory import ShardedEngramTable, TablePrefetcher, TableLayout, bytes_per_row  # noqa: E402
+from engram_train.memory.sharding import RowSharding  # noqa: E402
+from engram_train.memory.table import init_rows  # noqa: E402
+
+N, D, LR = 1000, 8, 1e-2
+
+
+def _batches(steps: int, seed: int = 0, high: int = 300):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ids = torch.randint(0, high, (4, 50), generator=gen)  # many duplicates, rows >= high untouched
+        yield ids, torch.randn(4, 50, D, generator=gen)
+
+
+def _train(table: ShardedEngramTable, steps: int = 5, prefetch: bool = False) -> None:
+    prefetcher = TablePrefetcher(table) if prefetch else None
+    for ids, w in _batches(steps):
+        if prefetcher:
+            prefetcher.submit(ids)
+            rows = prefetcher.result()
+        else:
+            rows = table.lookup(ids)
+        (rows * w).sum().backward()
+        table.accumulate_grad(ids, rows.grad)
+        table.step(LR)
+
+
+def _reference(steps: int = 5, seed: int = 3):
+    emb = torch.nn.Embedding(N, D, sparse=True)
+    emb.weight.data.copy_(init_rows(0, N, D, 0.02, seed, torch.float32))
+    opt = torch.optim.SparseAdam(emb.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8)
+    for ids, w in _batches(steps):
+        opt.zero_grad()
+        (emb(ids) * w).sum().backward()
+        opt.step()
+    return emb.weight.detach(), opt.state[emb.weight]
+
+
+def _dense_state(table: ShardedEngramTable, name: str) -> torch.Tensor:
+    touched, state = table.optim.export_state()
+    out = torch.zeros((table.end - table.start, *state[name].shape[1:]))
+    out[touched] = state[name]
+    return out
+
+
+@pytest.mark.parametrize("use_cpu_adam", [False, True], ids=["torch_adam", "cpu_adam"])
+def test_five_steps_match_sparse_adam(use_cpu_adam):
+    table = ShardedEngramTable(N, D, seed=3, use_cpu_adam=use_cpu_adam)
+    _train(table)
+    weight, state = _reference()
+    torch.testing.assert_close(table.rows, weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(_dense_state(table, "exp_avg"), state["exp_avg"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(_dense_state(table, "exp_avg_sq"), state["exp_avg_sq"], atol=1e-6, rtol=1e-6)
+    # Rows never looked up have no optimizer state at all.
+    touched = torch.unique(torch.cat([ids.flatten() for ids, _ in _batches(5)]))
+    assert table.optim.num_slots == touched.numel() and (table.optim.slot[300:] == -1).all()
+
+
+def test_cpu_adam_kernel_matches_torch_path():
+    tables = [ShardedEngramTable(N, D, seed=1, use_cpu_adam=flag) for flag in (True, False)]
+    assert type(tables[0].optim).__name__ == "CpuAdam", "DeepSpeed cpu_adam did not load"
+    for t in tables:
+        _train(t, steps=3)
+    torch.testing.assert_close(tables[0].rows, tables[1].rows, atol=1e-7, rtol=0)
+
+
+def test_prefetch_gives_identical_rows():
+    a, b = ShardedEngramTable(N, D, seed=3, use_cpu_adam=False), ShardedEngramTable(N, D, seed=3, use_cpu_adam=False)
+    _train(a)
+    _train(b, prefetch=True)
+    assert torch.equal(a.rows, b.rows)
+
+
+def test_prefetch_submitted_before_step_is_not_stale():
+    table = ShardedEngramTable(N, D, seed=3, use_cpu_adam=False)
+    ids = torch.arange(10)
+    rows = table.lookup(ids)
+    rows.sum().backward()
+    table.accumulate_grad(ids, rows.grad)
+    prefetcher = TablePrefetcher(table)
+    prefetcher.submit(ids)  # races with the update below
+    table.step(LR)
+    assert torch.equal(prefetcher.result(), table.lookup(ids))
+
+
+def test_duplicates_and_accumulation_sum_grads():
+    table = ShardedEngramTable(N, D, optimizer="rowwise_adagrad", use_cpu_adam=False)
+    ids = torch.tensor([5, 5, 7])
+    for _ in range(2):  # two micro-batches
+        rows = table.lookup(ids)
+        rows.sum().backward()
+        table.accumulate_grad(ids, rows.grad)
+    assert table.grad_norm_sq() == pytest.approx(D * (4**2) + D * (2**2))
+    before = table.rows.clone()
+    table.step(LR, grad_scale=0.5)
+    changed = (table.rows != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [5, 7]
+    assert table.grad_norm_sq() == 0.0
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "rowwise_adam", "rowwise_adagrad"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_optimizers_and_dtypes_learn_and_report_bytes(optimizer, dtype):
+    table = ShardedEngramTable(N, D, optimizer=optimizer, table_dtype=dtype, use_cpu_adam=False)
+    target = torch.ones(20, D)
+    ids = torch.arange(20)
+    losses = []
+    for _ in range(20):
+        rows = table.lookup(ids)
+        assert rows.dtype == torch.float32 and rows.requires_grad
+        loss = (rows - target).square().mean()
+        loss.backward()
+        table.accumulate_grad(ids, rows.grad)
+        table.step(0.05)
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    stats = table.stats()
+    row_bytes = D * (4 if dtype == "float32" else 2)
+    state = {"adam": 2 * D * 4, "rowwise_adam": D * 4 + 4, "rowwise_adagrad": 4}[optimizer]
+    assert stats["bytes_per_row"] == bytes_per_row(optimizer, dtype, D) == row_bytes + state + 4
+    assert stats["touched_rows"] == 20 and stats["rows"] == N
+
+
+def test_init_is_independent_of_world_size():
+    full = init_rows(0, 200_000, 2, 0.02, 7, torch.float32)
+    sharding = RowSharding(200_000, 3)
+    parts = [init_rows(*sharding.range(r), 2, 0.02, 7, torch.float32) for r in range(3)]
+    assert torch.equal(torch.cat(parts), full)
+
+
+def test_bad_ids_raise_and_change_nothing():
+    table = ShardedEngramTable(N, D)
+    before = table.rows.clone()
+    for bad in (torch.tensor([0, N]), torch.tensor([-1, 3]), torch.tensor([0.5])):
+        with pytest.raises(ValueError, match="out of range|integer"):
+            table.lookup(bad)
+    with pytest.raises(ValueError, match=f"valid 0..{N - 1}"):
+        table.accumulate_grad(torch.tensor([N + 5]), torch.zeros(1, D))
+    table.step(LR)
+    assert torch.equal(table.rows, before)
+
+
+def test_world_larger_than_rows_and_bad_config_raise():
+    with pytest.raises(ValueError, match="cannot be sharded over 4 ranks"):
+        RowSharding(3, 4)
+    with pytest.raises(ValueError, match="engram.optimizer"):
+        ShardedEngramTable(N, D, optimizer="sgd")
+    with pytest.raises(ValueError, match="engram.table_dtype"):
+        ShardedEngramTable(N, D, table_dtype="float16")
+
+
+def test_layout_offsets():
+    layout = TableLayout((5, 7, 11))
+    assert layout.offsets == (0, 5, 12) and layout.num_rows == 23
+    assert layout.to_global(torch.tensor([[4, 6, 10]])).tolist() == [[4, 11, 22]]
+    sharding = RowSharding(10, 3)
+    assert sharding.bounds == [0, 4, 7, 10]
+    assert sharding.counts_per_owner(torch.tensor([0, 3, 4, 9])).tolist() == [2, 1, 1]
+
+
+def test_stats_report_wait_and_unique_ratio():
+    table = ShardedEngramTable(N, D, use_cpu_adam=False)
+    table.lookup(torch.tensor([1, 1, 2, 2]))
+    stats = table.stats()
+    assert stats["unique_ratio"] == 0.5 and stats["lookups"] == 1 and stats["wait_s"] > 0
+    assert stats["bytes_per_rank"] >= N * D * 4 and table.stats()["lookups"] == 0
