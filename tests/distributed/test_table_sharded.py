@@ -94,7 +94,7 @@ def _train_worker(rank: int, world: int, store: str, use_cpu_adam: bool) -> None
         assert torch.equal(table.rows, before)
 
         # Storage: each rank holds ~rows/world, never the full table.
-        big_rows = 300_000
+        big_rows = 120_000
         big = ShardedEngramTable(big_rows, 16, group=group, use_cpu_adam=False)
         local = big.end - big.start
         assert abs(local - big_rows / world) <= 1
