@@ -113,6 +113,12 @@ class DataConfig:
     on_bad_shard: str = "error"
     #: Verify every shard's sha256 against the manifest at start-up.
     verify_checksums: bool = True
+    #: Read the train shards from these URLs instead of data.path (brace notation, pipe:, http://), in
+    #: manifest order, e.g. "pipe:curl -s https://host/ds/train-{000000..000016}.tar"; manifest.json,
+    #: tokenizer.json and compression.npy are still read from data.path. Empty: the local shards.
+    train_urls: str = ""
+    #: Same for the validation shards.
+    val_urls: str = ""
 
 
 @dataclass
