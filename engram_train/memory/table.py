@@ -19,6 +19,7 @@ Collective order: every method that communicates first waits for an in-flight pr
 from __future__ import annotations
 
 import ctypes
+import json
 import sys
 import time
 import weakref
@@ -138,7 +139,8 @@ class ShardedEngramTable:
         self.num_rows, self.dim = num_rows, dim
         self.optimizer_name, self.table_dtype = optimizer, table_dtype
         self.lr = lr
-        self.fingerprint = dict(fingerprint or {})
+        # JSON round trip: the form checkpoints store, so tuples and lists compare equal on load.
+        self.fingerprint = json.loads(json.dumps(fingerprint or {}, sort_keys=True))
         self.exchange = RowExchange(group)
         self.rank, self.world = self.exchange.rank, self.exchange.world
         self.sharding = RowSharding(num_rows, self.world)

@@ -21,7 +21,7 @@ from engram_train.memory import ShardedEngramTable, TablePrefetcher  # noqa: E40
 from engram_train.memory.table import init_rows  # noqa: E402
 
 N, D, LR, STEPS, SEED = 1001, 8, 1e-2, 5, 5  # 1001 rows: ranges 501/500 and 334/334/333
-FINGERPRINT = {"seed": 0, "ngram_orders": [2, 3], "heads_per_order": 2}
+FINGERPRINT = {"seed": 0, "ngram_orders": (2, 3), "heads_per_order": 2}  # tuple: stored as a JSON list
 
 pytestmark = pytest.mark.slow
 
