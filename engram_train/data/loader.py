@@ -141,11 +141,13 @@ class TrainLoader:
         self.state = saved
 
     def stats(self) -> dict[str, int]:
-        """Numbers for metrics: epoch (the slowest worker's), batches, bad shards skipped."""
+        """Numbers for metrics: epoch (of the slowest worker), batches, bad shards (distinct) and skips (per epoch)."""
+        skips = {tag for worker in self.state.skipped for tag in worker}
         return {
             "data/epoch": min(c[0] for c in self.state.cursors),
             "data/batches": self.state.batches,
-            "data/bad_shards_skipped": len({s for worker in self.state.skipped for s in worker}),
+            "data/bad_shards": len({tag.split(":", 1)[1] for tag in skips}),
+            "data/bad_shard_skips": len(skips),
         }
 
     def close(self) -> None:
@@ -168,7 +170,7 @@ def build_train_loader(data_cfg: Any, *, micro_batch_size: int, hasher: Any, dp_
                         f"write at least {need} shards (python -m data_pipelines.prepare --out {data_cfg.path} --shards {need}) "
                         f"or lower data.num_workers")
     spec = StreamSpec(dataset.train, dataset.seq_len, dataset.vocab_size, seed, dp_rank, dp_world, workers,
-                      data_cfg.shuffle_buffer, data_cfg.on_bad_shard, dict(dataset.bad))
+                      data_cfg.shuffle_buffer, data_cfg.on_bad_shard, str(data_cfg.path), dict(dataset.bad))
     state = LoaderState(dp_world, dp_rank, workers, seed, cursors=[[0, 0, 0] for _ in range(workers)],
                         skipped=[[] for _ in range(workers)], data_id=_data_id(dataset))
     return TrainLoader(dataset, spec, state, micro_batch_size, data_cfg.num_workers, hasher, dataset.eos_id if eos_reset else None)

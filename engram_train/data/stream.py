@@ -99,6 +99,8 @@ class StreamSpec:
     workers: int
     shuffle_buffer: int
     on_bad_shard: str
+    #: data.path, for the fix in error messages.
+    path: str = "<data.path>"
     #: Shards known bad before reading (sha256 mismatch with data.on_bad_shard=skip).
     bad: dict[str, str] = field(default_factory=dict)
 
@@ -114,7 +116,7 @@ class RowStream:
 
     def _skip(self, epoch: int, shard: ShardInfo, problem: str) -> None:
         if self.spec.on_bad_shard != "skip":
-            raise DataError(f"shard {shard.url}: {problem}. Re-run {PREPARE_HINT.format(path='<data.path>')} --force, "
+            raise DataError(f"shard {shard.url}: {problem}. Re-run {PREPARE_HINT.format(path=self.spec.path)} --force, "
                             f"or set data.on_bad_shard=skip to train without it")
         tag = f"{epoch}:{shard.name}"
         if tag not in self.skipped:
@@ -171,6 +173,6 @@ class RowStream:
                 self.cursor = (epoch, block_start, 0)
             if not produced and self.cursor == (epoch, 0, 0):
                 raise DataError(f"data: every shard of rank {s.rank} worker {self.worker} in epoch {epoch} is bad or empty; "
-                                f"nothing left to train on. Re-run {PREPARE_HINT.format(path='<data.path>')} --force")
+                                f"nothing left to train on. Re-run {PREPARE_HINT.format(path=s.path)} --force")
             epoch, block_start, emitted = epoch + 1, 0, 0
             self.cursor = (epoch, 0, 0)
