@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_pipelines import pack, sources, tokenizer as tok
-from engram_train.data.manifest import MANIFEST_FORMAT
+from data_pipelines import sources, tokenizer as tok
 
 #: Bump when the output of the same inputs changes (packing, readers, manifest layout).
 PIPELINE_VERSION = 1
@@ -36,12 +35,12 @@ PIPELINE_VERSION = 1
 _NOT_FINGERPRINTED = {"out", "workers", "force"}
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each option, and the module docstring's examples kept as written."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m data_pipelines.prepare",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = argparse.ArgumentParser(prog="python -m data_pipelines.prepare", description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--out", default="data/debian-docs", help="output folder (data.path of the trainer)")
     p.add_argument("--source", action="append", metavar="SPEC",
                    help=f"training text, repeatable: a preset ({', '.join(sources.PRESETS)}), a folder "
@@ -184,6 +183,9 @@ def prepare(args: argparse.Namespace) -> tuple[dict, bool]:
         print(f"{out} is up to date (fingerprint {fp[:12]}); nothing to do. Use --force to rebuild.")
         return json.loads((out / "manifest.json").read_text()), False
 
+    # Imported here, not at the top: they pull in torch (via webdataset), which --help should not wait for.
+    from data_pipelines import pack
+    from engram_train.data.manifest import MANIFEST_FORMAT
     from engram_train.engram.tokenizer_compression import build_compression_table, num_canonical
 
     work = out.with_name(out.name + ".partial")
