@@ -56,20 +56,35 @@ class LoaderState:
     data_id: str = ""
 
 
-def _hash(hasher: Any, tokens: np.ndarray, eos: int | None) -> torch.Tensor | None:
+def _hash(hasher: Any, tokens: np.ndarray, eos: int | None) -> np.ndarray | None:
     if hasher is None:
         return None
-    return torch.from_numpy(np.ascontiguousarray(hasher.hash_numpy(tokens[:, :-1], doc_boundary_token=eos), dtype=np.int64))
+    return np.ascontiguousarray(hasher.hash_numpy(tokens[:, :-1], doc_boundary_token=eos), dtype=np.int64)
 
 
-def _batches(stream: RowStream, batch_size: int, hasher: Any, eos: int | None) -> Iterator[tuple]:
+@dataclass
+class _WorkerBatch:
+    """What a worker sends: numpy arrays inside a plain object, so DataLoader pickles them through its queue.
+
+    Tensors would instead go through one shared-memory segment each, which costs ~10x more per batch
+    than the batch is worth at these sizes (measured in bench/loader.py).
+    """
+
+    worker: int
+    tokens: np.ndarray
+    hash_ids: np.ndarray | None
+    cursor: list[int]
+    skipped: list[str]
+
+
+def _batches(stream: RowStream, worker: int, batch_size: int, hasher: Any, eos: int | None) -> Iterator[_WorkerBatch]:
     rows: list[np.ndarray] = []
     for row, cursor in stream:
         rows.append(row)
         if len(rows) == batch_size:
             tokens = np.stack(rows)
             rows = []
-            yield torch.from_numpy(tokens), _hash(hasher, tokens, eos), list(cursor), list(stream.skipped)
+            yield _WorkerBatch(worker, tokens, _hash(hasher, tokens, eos), list(cursor), list(stream.skipped))
 
 
 class _TrainStreams(IterableDataset):
@@ -83,8 +98,7 @@ class _TrainStreams(IterableDataset):
         slot = info.id if info is not None else 0
         worker = (slot + self.state.batches) % self.state.workers
         stream = RowStream(self.spec, worker, tuple(self.state.cursors[worker]), self.state.skipped[worker])
-        for tokens, hash_ids, cursor, skipped in _batches(stream, self.batch_size, self.hasher, self.eos):
-            yield worker, tokens, hash_ids, cursor, skipped
+        yield from _batches(stream, worker, self.batch_size, self.hasher, self.eos)
 
 
 class TrainLoader:
@@ -108,15 +122,16 @@ class TrainLoader:
     def __next__(self) -> dict[str, torch.Tensor | None]:
         if self._it is None:
             self._it = self._start()
-        worker, tokens, hash_ids, cursor, skipped = next(self._it)
+        batch: _WorkerBatch = next(self._it)
         expected = self.state.batches % self.state.workers
-        if worker != expected:
-            raise RuntimeError(f"loader: batch {self.state.batches} came from worker {worker}, expected {expected}; "
+        if batch.worker != expected:
+            raise RuntimeError(f"loader: batch {self.state.batches} came from worker {batch.worker}, expected {expected}; "
                                "the DataLoader no longer hands out batches round-robin, so resume would not be exact")
         self.state.batches += 1
-        self.state.cursors[worker] = [int(c) for c in cursor]
-        self.state.skipped[worker] = list(skipped)
-        return {"tokens": tokens, "hash_ids": hash_ids}
+        self.state.cursors[batch.worker] = [int(c) for c in batch.cursor]
+        self.state.skipped[batch.worker] = list(batch.skipped)
+        hash_ids = None if batch.hash_ids is None else torch.from_numpy(batch.hash_ids)
+        return {"tokens": torch.from_numpy(batch.tokens), "hash_ids": hash_ids}
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self.state)
@@ -221,7 +236,8 @@ class ValLoader:
                 return
             if index % self.dp_world == self.dp_rank:
                 tokens = np.stack(rows)
-                yield {"tokens": torch.from_numpy(tokens), "hash_ids": _hash(self.hasher, tokens, self.eos)}
+                hash_ids = _hash(self.hasher, tokens, self.eos)
+                yield {"tokens": torch.from_numpy(tokens), "hash_ids": None if hash_ids is None else torch.from_numpy(hash_ids)}
             rows, index = [], index + 1
 
 
