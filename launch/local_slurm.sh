@@ -17,7 +17,10 @@ set -euo pipefail
 DIR="${LOCAL_SLURM_DIR:-/tmp/engram-local-slurm}"
 PORT="${LOCAL_SLURM_PORT:-6817}"
 CONF="$DIR/slurm.conf"
-SOCKET="$DIR/munge/munge.socket"
+# munged runs as the munge user, which may not reach into DIR (e.g. a 0700 temp dir), and a socket path
+# must stay short: its files live in a short per-DIR folder under /run instead.
+MUNGE_DIR="/run/engram-munge/$(printf %s "$DIR" | md5sum | cut -c1-12)"
+SOCKET="$MUNGE_DIR/munge.socket"
 PACKAGES=(slurmctld slurmd slurm-client munge)
 # daemon name -> PID file; stopped in this order
 DAEMONS=(slurmd slurmctld munged)
@@ -27,7 +30,7 @@ die() { say "$*"; exit "${2:-1}"; }
 
 pidfile() {
     case "$1" in
-        munged) echo "$DIR/munge/munged.pid" ;;
+        munged) echo "$MUNGE_DIR/munged.pid" ;;
         *) echo "$DIR/run/$1.pid" ;;
     esac
 }
@@ -59,9 +62,10 @@ write_config() {
     local host cpus
     host="$(hostname -s)"
     cpus="$(nproc)"
-    mkdir -p "$DIR"/{run,state,spool,log,munge}
-    chown munge:munge "$DIR/munge"
-    chmod 0755 "$DIR/munge"
+    mkdir -p "$DIR"/{run,state,spool,log} "$MUNGE_DIR"
+    chmod 0755 /run/engram-munge
+    chown munge:munge "$MUNGE_DIR"
+    chmod 0755 "$MUNGE_DIR"
     cat >"$CONF" <<CONF
 # Written by launch/local_slurm.sh: a one-node cluster for development and tests.
 ClusterName=engram-local
@@ -100,13 +104,13 @@ start_munged() {
     live_pid munged >/dev/null && return 0
     rm -f "$SOCKET" "$SOCKET.lock"
     runuser -u munge -- /usr/sbin/munged --socket="$SOCKET" --pid-file="$(pidfile munged)" \
-        --log-file="$DIR/munge/munged.log" --seed-file="$DIR/munge/munged.seed" --key-file=/etc/munge/munge.key \
-        || die "munged did not start; see $DIR/munge/munged.log"
+        --log-file="$MUNGE_DIR/munged.log" --seed-file="$MUNGE_DIR/munged.seed" --key-file=/etc/munge/munge.key \
+        || die "munged did not start; see $MUNGE_DIR/munged.log"
     for _ in $(seq 50); do
         munge -n -S "$SOCKET" 2>/dev/null | unmunge -S "$SOCKET" >/dev/null 2>&1 && return 0
         sleep 0.1
     done
-    die "munged started but 'munge -n | unmunge' fails; see $DIR/munge/munged.log"
+    die "munged started but 'munge -n | unmunge' fails; see $MUNGE_DIR/munged.log"
 }
 
 start() {
@@ -148,6 +152,8 @@ stop() {
         fi
         rm -f "$(pidfile "$name")"
     done
+    # The munge folder is ours alone (named after DIR); the state dir stays for its logs.
+    [[ -d "$MUNGE_DIR" ]] && ! live_pid munged >/dev/null && rm -rf "$MUNGE_DIR"
     ((stopped)) || say "nothing of ours was running (state in $DIR)"
 }
 
@@ -157,7 +163,7 @@ status() {
         if pid="$(live_pid "$name")"; then echo "$name running (pid $pid)"; else echo "$name not running"; rc=1; fi
     done
     if ((rc == 0)); then SLURM_CONF="$CONF" sinfo; fi
-    echo "state dir: $DIR"
+    echo "state dir: $DIR (munge: $MUNGE_DIR)"
     return $rc
 }
 

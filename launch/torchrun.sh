@@ -9,7 +9,8 @@
 #
 # Options (each has an environment variable of the same meaning, which the option overrides):
 #   --nproc-per-node N   NPROC_PER_NODE  processes on this node (default: GPU count, else 1)
-#   --nnodes N           NNODES          nodes; >1 switches from --standalone to c10d rendezvous (default 1)
+#   --nnodes N           NNODES          nodes (default 1); one node without --master runs --standalone,
+#                                        otherwise the nodes meet at a rendezvous on --master
 #   --node-rank R        NODE_RANK       this node's rank; only the static backend uses it, c10d orders
 #                                        nodes as they join (default 0)
 #   --master HOST[:PORT] MASTER_ADDR/MASTER_PORT  rendezvous endpoint, a host every node can reach
@@ -27,7 +28,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-usage() { sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 die() { echo "launch/torchrun.sh: $*" >&2; exit 2; }
 
 gpu_count() {
@@ -87,7 +88,7 @@ export TORCHELASTIC_SIGNALS_TO_HANDLE="${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM
 mkdir -p "$TORCH_EXTENSIONS_DIR"
 
 cmd=("$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC_PER_NODE" --max-restarts "$MAX_RESTARTS")
-if [[ "$NNODES" == 1 ]]; then
+if [[ "$NNODES" == 1 && -z "$MASTER_ADDR" ]]; then
     cmd+=(--standalone)
 else
     [[ -n "$MASTER_ADDR" ]] || die "--nnodes $NNODES needs --master HOST[:PORT] (or MASTER_ADDR): a host every node can reach, usually the first node"

@@ -1,0 +1,151 @@
+"""launch/slurm.sbatch on a real one-node SLURM (launch/local_slurm.sh): jobs complete, checkpoint, and a
+job signalled before its time limit requeues itself and resumes from its newest checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from .conftest import TINY_OVERRIDES
+from .launch_helpers import REPO, job_fields, run, wait_for
+
+
+LOCAL_SLURM = REPO / "launch" / "local_slurm.sh"
+SBATCH = REPO / "launch" / "slurm.sbatch"
+
+
+def _free_port_pair() -> int:
+    """A port p with p and p+1 free (slurmctld and slurmd), away from the default 6817 of a real cluster."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port > 60000:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A running local SLURM; yields the environment its clients need. Stops only its own daemons."""
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM runs its daemons as root (SlurmUser=root); run the tests as root")
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "LOCAL_SLURM_DIR": str(state), "LOCAL_SLURM_PORT": str(_free_port_pair())}
+    started = run([str(LOCAL_SLURM), "start"], env=env, timeout=600)
+    try:
+        if started.returncode == 3:
+            pytest.skip(f"no SLURM here: {started.stderr.strip()}")
+        assert started.returncode == 0, f"local_slurm.sh start failed:\n{started.stdout}\n{started.stderr}"
+        yield {**env, "SLURM_CONF": str(state / "slurm.conf")}
+    finally:
+        stopped = run([str(LOCAL_SLURM), "stop"], env=env, timeout=120)
+        assert stopped.returncode == 0, stopped.stderr
+
+
+def _overrides(dataset: Path, run_dir: Path, steps: int) -> list[str]:
+    return [
+        *TINY_OVERRIDES,
+        f"data.path={dataset}",
+        f"experiment.run_dir={run_dir}",
+        f"experiment.total_tokens={steps * 1024}",
+        "experiment.checkpoint_every=5",
+        "experiment.keep_checkpoints=100",
+        "experiment.eval_every=10",
+        "experiment.eval_tokens=1024",
+    ]
+
+
+def _submit(env: dict, sbatch_opts: list[str], overrides: list[str], log: Path) -> str:
+    result = run(["sbatch", "--parsable", "--job-name=engram-test", f"--output={log}", *sbatch_opts, str(SBATCH),
+                  *overrides], env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split(";")[0]
+
+
+def _wait_finished(job_id: str, env: dict, log: Path, timeout_s: float) -> dict:
+    def finished():
+        fields = job_fields(job_id, env)
+        return fields if fields.get("JobState") in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
+                                                     "OUT_OF_MEMORY"} else None
+
+    try:
+        fields = wait_for(finished, timeout_s=timeout_s, what=f"job {job_id} finishing")
+    except TimeoutError:
+        run(["scancel", job_id], env=env)
+        raise AssertionError(f"job {job_id} did not finish in {timeout_s} s; log:\n{log.read_text()[-3000:]}")
+    assert fields["JobState"] == "COMPLETED", f"job {job_id}: {fields['JobState']}; log:\n{log.read_text()[-3000:]}"
+    return fields
+
+
+def _assert_trained(run_dir: Path, steps: int) -> None:
+    final = run_dir / "checkpoints" / f"step_{steps:08d}"
+    assert (final / "COMPLETE").exists(), sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert {p.name for p in final.glob("rank_*.pt")} == {"rank_0.pt", "rank_1.pt"}, "both ranks wrote their shard"
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == steps and "loss" in metrics[-1]
+
+
+@pytest.mark.slow
+def test_srun_per_rank_job_requeues_before_time_limit_and_resumes(slurm, tiny_dataset, tmp_path):
+    """ENGRAM_LAUNCH=srun: 2 tasks = 2 ranks. The USR1 that --signal=B:USR1@120 would send near the time limit is
+    sent by hand once a checkpoint exists; the job requeues and the second run resumes from that checkpoint."""
+    steps, run_dir, log = 40, tmp_path / "run", tmp_path / "job.log"
+    env = {**slurm, "ENGRAM_LAUNCH": "srun"}
+    job = _submit(env, ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--mem=900"],
+                  _overrides(tiny_dataset, run_dir, steps), log)
+
+    first = wait_for(lambda: sorted((run_dir / "checkpoints").glob("step_*/COMPLETE")), timeout_s=150,
+                     what=f"a first checkpoint of job {job}", poll_s=0.5)
+    assert job_fields(job, env)["JobState"] == "RUNNING", "the run must still be going when the signal comes"
+    assert run(["scancel", "--signal=USR1", "--batch", job], env=env).returncode == 0
+    wait_for(lambda: job_fields(job, env).get("Restarts") == "1", timeout_s=60, what=f"job {job} requeued")
+    # SLURM holds a requeued job back ~2 minutes (BeginTime); release it now.
+    run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env)
+    fields = _wait_finished(job, env, log, timeout_s=180)
+
+    text = log.read_text()
+    assert fields["Restarts"] == "1"
+    assert "time limit near" in text and "(restart 1)" in text
+    resumed_step = int(text.split("resumed from ")[1].split("step_")[1][:8])
+    assert resumed_step >= int(first[0].parent.name.split("_")[1]), "resumed from the newest checkpoint, not from 0"
+    assert resumed_step < steps
+    _assert_trained(run_dir, steps)
+
+
+@pytest.mark.slow
+def test_torchrun_per_node_job_completes(slurm, tiny_dataset, tmp_path):
+    """Default mode: one task on the node runs launch/torchrun.sh (c10d rendezvous on the first host), 2 ranks."""
+    steps, run_dir, log = 10, tmp_path / "run", tmp_path / "job.log"
+    env = {**slurm, "NPROC_PER_NODE": "2"}
+    job = _submit(env, ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2", "--mem=900"],
+                  _overrides(tiny_dataset, run_dir, steps), log)
+    _wait_finished(job, env, log, timeout_s=180)
+    text = log.read_text()
+    assert "--rdzv-backend c10d" in text and "--nnodes 1" in text
+    _assert_trained(run_dir, steps)
+
+
+@pytest.mark.parametrize("partition", ["gpu"])
+def test_submitit_launcher_composes(partition):
+    """`hydra/launcher=submitit_slurm` resolves to submitit's SLURM launcher with our defaults, overridable."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=submitit_slurm", f"hydra.launcher.partition={partition}"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher.partition == partition and launcher.nodes == 1 and launcher.tasks_per_node == 1
+    assert launcher.signal_delay_s == 120 and launcher.max_num_timeout > 0, "requeue on timeout; the trainer resumes"
+    assert any("MASTER_ADDR" in line for line in launcher.setup), "srun tasks need the rendezvous address"
