@@ -8,6 +8,7 @@ resume-equivalence checks read back.
 from __future__ import annotations
 
 import json
+import secrets
 import math
 import os
 from pathlib import Path
@@ -19,7 +20,7 @@ from rich.console import Console
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, config: dict, wandb_mode: str, project: str, entity: str | None, name: str, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
-        self.console = Console(stderr=False, highlight=False)
+        self.console = Console(highlight=False, soft_wrap=True)
         self.wandb_run = None
         self.wandb_dir: str | None = None
         if not enabled:
@@ -34,7 +35,7 @@ class MetricsLogger:
 
             os.environ.setdefault("WANDB_SILENT", "true")
             run_id_file = run_dir / "wandb_run_id"
-            run_id = run_id_file.read_text().strip() if run_id_file.exists() else wandb.util.generate_id()
+            run_id = run_id_file.read_text().strip() if run_id_file.exists() else secrets.token_hex(4)
             run_id_file.write_text(run_id)
             self.wandb_run = wandb.init(
                 project=project,

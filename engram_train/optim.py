@@ -62,24 +62,13 @@ class LRSchedule:
         return min_lr + 0.5 * (self.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def grad_norm_sq_local(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    grads = [p.grad.detach() for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros((), dtype=torch.float64)
-    return torch.stack([g.double().pow(2).sum() for g in grads]).sum()
+def global_grad_norm(backbone_norm_sq: torch.Tensor, table_norm_sq: float, *, table_group=None) -> float:
+    """sqrt(sum of squares) of backbone and table gradients together.
 
-
-def global_grad_norm(
-    backbone_norm_sq: torch.Tensor, table_norm_sq: float, *, backbone_group=None, table_group=None
-) -> float:
-    """sqrt(sum of squares) over every shard, each counted once.
-
-    Callers pass the backbone's sum of squares over the parameters this rank counts (TP-replicated
-    parameters on one TP rank only) and the table's over the rows this rank owns.
+    ``backbone_norm_sq`` is already global (parallel.backbone_grad_norm_sq); the table's is over the
+    rows this rank owns and is summed over the table group here.
     """
     backbone = backbone_norm_sq.clone()
-    if backbone_group is not None and dist.get_world_size(backbone_group) > 1:
-        dist.all_reduce(backbone, group=backbone_group)
     table = torch.tensor(float(table_norm_sq), dtype=torch.float64)
     if table_group is not None and dist.get_world_size(table_group) > 1:
         dist.all_reduce(table, group=table_group)

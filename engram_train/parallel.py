@@ -147,3 +147,81 @@ def destroy_process_groups() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _all_reduce_coalesced(tensors: list[torch.Tensor], group, *, scale: float = 1.0) -> None:
+    """One all-reduce for many small gradients (hundreds of separate gloo calls would dominate a step)."""
+    if not tensors:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    flat = _flatten_dense_tensors(tensors)
+    dist.all_reduce(flat, group=group)
+    if scale != 1.0:
+        flat.mul_(scale)
+    for tensor, reduced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        tensor.copy_(reduced)
+
+
+def _is_expert(param: torch.nn.Parameter) -> bool:
+    """Megatron marks expert weights ``allreduce=False``: they sync over the expert-data-parallel group."""
+    return not getattr(param, "allreduce", True)
+
+
+def finalize_grads(model: torch.nn.Module, dims: ParallelDims) -> None:
+    """Make every rank's gradients those of the global batch, as Megatron's finalize_model_grads does.
+
+    1. Parameters applied to a sequence slice under SP (norms, router, Engram blocks) hold partial
+       gradients: sum them over the TP group.
+    2. Average dense gradients over the data-parallel group; sum expert gradients over the
+       expert-data-parallel group (the ranks holding a replica of the same experts) and divide by DP.
+    """
+    from megatron.core import parallel_state
+
+    grads = [(p, p.grad) for p in model.parameters() if p.grad is not None]
+    if dims.tp > 1:
+        partial = [g for p, g in grads if getattr(p, "sequence_parallel", False)]
+        _all_reduce_coalesced(partial, parallel_state.get_tensor_model_parallel_group())
+    dense = [g for p, g in grads if not _is_expert(p)]
+    expert = [g for p, g in grads if _is_expert(p)]
+    dp_size = parallel_state.get_data_parallel_world_size()
+    if dp_size == 1:
+        return
+    _all_reduce_coalesced(dense, parallel_state.get_data_parallel_group(), scale=1.0 / dp_size)
+    # An expert already saw the tokens of every DP rank in its EP group (the dispatcher's all-to-all),
+    # each weighted by its own rank's mean: sum over replicas of the expert, then divide by the full
+    # DP size, as Megatron's DDP does (expert_gradient_scaling_factor).
+    for group_grads in (expert,):
+        if parallel_state.get_expert_data_parallel_world_size() > 1:
+            _all_reduce_coalesced(group_grads, parallel_state.get_expert_data_parallel_group())
+        for grad in group_grads:
+            grad.mul_(1.0 / dp_size)
+
+
+def backbone_grad_norm_sq(model: torch.nn.Module, dims: ParallelDims) -> torch.Tensor:
+    """Sum of squared gradients of the whole backbone, each shard counted once (call after finalize_grads).
+
+    TP-replicated parameters are counted on TP rank 0 only; dense sums are reduced over the TP group,
+    expert sums over the expert tensor-and-model-parallel group.
+    """
+    from megatron.core import parallel_state
+
+    dense = torch.zeros((), dtype=torch.float64)
+    expert = torch.zeros((), dtype=torch.float64)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    for param in model.parameters():
+        if param.grad is None:
+            continue
+        sharded = getattr(param, "tensor_model_parallel", False)
+        square = param.grad.detach().double().pow(2).sum()
+        if _is_expert(param):
+            if sharded or etp_rank == 0:
+                expert += square
+        elif sharded or tp_rank == 0:
+            dense += square
+    if dims.tp > 1:
+        dist.all_reduce(dense, group=parallel_state.get_tensor_model_parallel_group())
+    if dims.world > 1:
+        dist.all_reduce(expert, group=parallel_state.get_expert_tensor_and_model_parallel_group())
+    return dense + expert

@@ -34,6 +34,7 @@ def build_model(cfg, *, vocab_size: int, dims) -> EngramMoEModel:
         tp=dims.tp,
         ep=dims.ep,
         on_cpu=on_cpu,
+        init_seed=cfg.experiment.seed,
     )
     return model.cuda() if not on_cpu else model
 

@@ -38,6 +38,39 @@ def _cpu_dtoh_and_synchronize(self, point: str, tokens_per_expert: torch.Tensor 
     return tokens_per_expert
 
 
+def _gloo_uneven_collectives(mappings) -> None:
+    """Gloo cannot all-gather or reduce-scatter uneven splits, which MoE with TP x EP uses.
+
+    Uneven all-gather: pad every piece to the largest, gather, trim. Uneven reduce-scatter: all-reduce
+    the whole tensor and keep this rank's split (same sum, more traffic; only small CPU runs take it).
+    """
+    import torch.distributed as dist
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        pieces = [torch.empty_like(padded) for _ in output_split_sizes]
+        dist.all_gather(pieces, padded.contiguous(), group=group)
+        return torch.cat([piece[:size] for piece, size in zip(pieces, output_split_sizes)], dim=0)
+
+    def reduce_scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        rank = dist.get_rank(group)
+        start = sum(input_split_sizes[:rank])
+        return total[start : start + input_split_sizes[rank]].contiguous()
+
+    mappings._gather_along_first_dim = gather_uneven
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_uneven
+
+
 def apply_cpu_compat() -> None:
     """Redirect Megatron's CUDA-only calls to the CPU. Idempotent; refuses to run with a GPU."""
     global _applied
@@ -47,6 +80,7 @@ def apply_cpu_compat() -> None:
         raise RuntimeError("apply_cpu_compat() is for CPU-only runs; a GPU is present, use Megatron as is")
 
     import megatron.core.fusions.fused_softmax as fused_softmax
+    import megatron.core.tensor_parallel.mappings as mappings
     import megatron.core.tensor_parallel.random as tp_random
     import megatron.core.transformer.moe.moe_utils as moe_utils
     import megatron.core.transformer.utils as transformer_utils
@@ -73,5 +107,11 @@ def apply_cpu_compat() -> None:
     # 5. The alltoall dispatcher makes a CUDA stream in __init__ and syncs with CUDA events.
     MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "cpu: no streams"
     MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = _cpu_dtoh_and_synchronize
+
+    # 6. Gloo lacks uneven all-gather / reduce-scatter (MoE token exchange with TP x EP).
+    _gloo_uneven_collectives(mappings)
+
+    # 7. Megatron's distributed checkpoint writer synchronises the CUDA stream before reading tensors.
+    torch.cuda.synchronize = lambda device=None: None
 
     _applied = True

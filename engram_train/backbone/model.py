@@ -14,13 +14,17 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
 from torch import nn
 
 from engram_train.config import EngramConfig, ModelConfig
+from engram_train.backbone.init import canonical_init_
 from engram_train.backbone.moe_stats import MoELoadTracker
+from engram_train.backbone.norm import replace_torch_norm
 from engram_train.engram.module import EngramBlock
 
 
@@ -109,10 +113,13 @@ class EngramMoEModel(nn.Module):
         tp: int = 1,
         ep: int = 1,
         on_cpu: bool = True,
+        init_seed: int = 0,
     ):
         super().__init__()
         self.config = transformer_config(model, tp=tp, ep=ep, on_cpu=on_cpu)
         spec = get_gpt_decoder_block_spec(self.config, use_transformer_engine=False, normalization="RMSNorm")
+        if self.config.sequence_parallel:
+            spec = replace_torch_norm(spec)
         self.gpt = GPTModel(
             config=self.config,
             transformer_layer_spec=spec,
@@ -126,8 +133,16 @@ class EngramMoEModel(nn.Module):
         self.layout = layout
         self.engram_blocks = nn.ModuleDict()
         self._rows: torch.Tensor | None = None
-        if layout is not None:
-            for index, layer in enumerate(layout.layers):
+        canonical_init_(
+            self.gpt, seed=init_seed, std=model.init_std, num_layers=model.num_layers,
+            gated_linear_unit=self.config.gated_linear_unit,
+        )
+        if layout is None:
+            return
+        # Engram blocks are replicated on every rank: draw them from one fixed stream, whatever the layout.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed + 1)
+            for layer in layout.layers:
                 self.engram_blocks[str(layer)] = EngramBlock(
                     hidden_size=model.hidden_size,
                     memory_dim=layout.memory_dim,
@@ -135,9 +150,13 @@ class EngramMoEModel(nn.Module):
                     kernel_size=conv_kernel_size,
                     gate_signed_sqrt=gate_signed_sqrt,
                 )
-                self.gpt.decoder.layers[layer].register_forward_pre_hook(
-                    self._make_engram_hook(layer, index), with_kwargs=True
-                )
+        for param in self.engram_blocks.parameters():
+            # Under SP each TP rank applies the block to its slice of the sequence: grads are partial.
+            param.sequence_parallel = self.config.sequence_parallel
+        for index, layer in enumerate(layout.layers):
+            self.gpt.decoder.layers[layer].register_forward_pre_hook(
+                self._make_engram_hook(layer, index), with_kwargs=True
+            )
 
     def _make_engram_hook(self, layer: int, index: int):
         block = self.engram_blocks[str(layer)]
@@ -145,12 +164,20 @@ class EngramMoEModel(nn.Module):
         def add_engram(module, args, kwargs):
             if self._rows is None:
                 raise RuntimeError(f"Engram layer {layer}: forward() was called without engram_rows")
-            if callable(self._rows):  # a prefetched lookup: wait for it only now, at the first Engram layer
+            if callable(self._rows):  # a lookup still in flight: wait for it only now, at the first Engram layer
                 self._rows = self._rows()
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             # rows: [batch, seq, layers, heads, dim] -> this layer's memory as [seq, batch, heads*dim]
             memory = self._rows[:, :, index].flatten(-2).transpose(0, 1)
-            hidden = hidden + block(hidden, memory)
+            if self.config.sequence_parallel:
+                # This rank holds a slice of the sequence, but the short conv looks back
+                # (kernel-1) x dilation positions: run the block on the gathered sequence and keep
+                # our slice (the gather's backward reduce-scatters the gradient to its owners).
+                full = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+                update = block(full, memory).chunk(self.config.tensor_model_parallel_size, dim=0)
+                hidden = hidden + update[parallel_state.get_tensor_model_parallel_rank()]
+            else:
+                hidden = hidden + block(hidden, memory)
             if "hidden_states" in kwargs:
                 kwargs["hidden_states"] = hidden
                 return args, kwargs

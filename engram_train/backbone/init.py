@@ -1,0 +1,68 @@
+"""Layout-independent initialisation of the Megatron backbone.
+
+Megatron draws weights from the process RNG in construction order, so a rank holding experts 4-7 at
+EP=2 draws what expert 0 gets at EP=1. To make every TP/EP layout start from the same model (the
+premise of the parity tests and of resharding a checkpoint), each weight is redrawn here from its own
+generator, keyed by the seed and the weight's global name; the rank keeps its slice of that full tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+
+import torch
+from megatron.core import parallel_state
+
+_LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+_SCALED_OUTPUT = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def _global_name(name: str, num_local_experts: int, ep_rank: int) -> str:
+    match = _LOCAL_EXPERT.search(name)
+    if not match:
+        return name
+    global_index = ep_rank * num_local_experts + int(match.group(1))
+    return name[: match.start()] + f".experts.{global_index}." + name[match.end():]
+
+
+def _tp_slice(full: torch.Tensor, param: torch.nn.Parameter, rank: int, size: int, glu: bool) -> torch.Tensor:
+    if size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim = param.partition_dim
+    if glu:
+        # A gated fc1 holds [gate; up]; each TP rank keeps its slice of both halves.
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(size, dim=dim)[rank], up.chunk(size, dim=dim)[rank]], dim=dim)
+    return full.chunk(size, dim=dim)[rank]
+
+
+@torch.no_grad()
+def canonical_init_(gpt: torch.nn.Module, *, seed: int, std: float, num_layers: int, gated_linear_unit: bool) -> None:
+    """Redraw every matrix of ``gpt`` as N(0, std) (output projections std/sqrt(2L), as Megatron does)."""
+    tp_rank, tp_size = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    etp_size = parallel_state.get_expert_tensor_parallel_world_size()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    num_local_experts = max(
+        (int(m.group(1)) + 1 for n, _ in gpt.named_parameters() if (m := _LOCAL_EXPERT.search(n))), default=0
+    )
+    for name, param in gpt.named_parameters():
+        if param.dim() < 2:
+            continue  # norm gains stay at their constant init
+        is_expert = _LOCAL_EXPERT.search(name) is not None
+        rank, size = (etp_rank, etp_size) if is_expert else (tp_rank, tp_size)
+        full_shape = list(param.shape)
+        if size > 1 and getattr(param, "tensor_model_parallel", False):
+            full_shape[param.partition_dim] *= size
+        scale = std / math.sqrt(2.0 * num_layers) if name.endswith(_SCALED_OUTPUT) else std
+        generator = _generator(seed, _global_name(name, num_local_experts, ep_rank))
+        full = torch.randn(full_shape, generator=generator, dtype=torch.float32) * scale
+        glu = gated_linear_unit and name.endswith("linear_fc1.weight")
+        param.copy_(_tp_slice(full, param, rank, size, glu).to(param.dtype))

@@ -1,0 +1,35 @@
+"""Megatron's local torch norm under sequence parallelism.
+
+Megatron requires sequence parallelism for MoE with TP > 1, but its torch norm (used without
+Transformer Engine) refuses ``sequence_parallel=True``. A norm is per token, so it computes the same
+thing either way; what SP changes is that each TP rank sees only its slice of the sequence, so the
+norm's gradient is partial and must be summed over the TP group. We build the norm with SP off and tag
+its parameters ``sequence_parallel`` so ``parallel.finalize_grads`` sums them, as Megatron's
+``finalize_model_grads`` does for Transformer Engine norms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+
+class SequenceParallelTorchNorm:
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        norm = WrappedTorchNorm(dataclasses.replace(config, sequence_parallel=False), hidden_size, eps, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def replace_torch_norm(spec):
+    """Return ``spec`` with every WrappedTorchNorm replaced by SequenceParallelTorchNorm (recursively)."""
+    if spec is WrappedTorchNorm:
+        return SequenceParallelTorchNorm
+    if isinstance(spec, list):
+        return [replace_torch_norm(s) for s in spec]
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        changes = {f.name: replace_torch_norm(getattr(spec, f.name)) for f in dataclasses.fields(spec)}
+        return dataclasses.replace(spec, **changes)
+    return spec

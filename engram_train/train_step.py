@@ -1,0 +1,190 @@
+"""One optimizer step (gradient accumulation over micro-batches) and evaluation.
+
+Split from train.py so the loop there stays a page long; everything here is per-step mechanics.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+from engram_train.config import Config, ConfigError
+from engram_train.parallel import backbone_grad_norm_sq, finalize_grads
+
+
+@dataclass
+class TrainState:
+    """Counters saved in every checkpoint."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    last_loss: float = float("nan")
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Batch geometry derived from token budgets: accumulation steps, run length, eval size."""
+
+    seq_len: int
+    micro_batch_size: int
+    accumulation: int
+    data_parallel_world: int
+    total_steps: int
+    eval_batches: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.micro_batch_size * self.accumulation * self.data_parallel_world
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, data_parallel_world: int) -> "StepPlan":
+        x, seq_len = cfg.experiment, cfg.data.seq_len
+        per_micro_step = seq_len * x.micro_batch_size * data_parallel_world
+        if x.batch_tokens % per_micro_step:
+            raise ConfigError(
+                f"experiment.batch_tokens={x.batch_tokens} is not a multiple of data.seq_len x "
+                f"experiment.micro_batch_size x data-parallel ranks = {seq_len} x {x.micro_batch_size} x "
+                f"{data_parallel_world} = {per_micro_step}; use a multiple such as {per_micro_step * max(1, x.batch_tokens // per_micro_step)}"
+            )
+        total_steps = x.total_tokens // x.batch_tokens
+        if total_steps < 1:
+            raise ConfigError(
+                f"experiment.total_tokens={x.total_tokens} is less than one step of experiment.batch_tokens={x.batch_tokens}"
+            )
+        return cls(
+            seq_len=seq_len,
+            micro_batch_size=x.micro_batch_size,
+            accumulation=x.batch_tokens // per_micro_step,
+            data_parallel_world=data_parallel_world,
+            total_steps=total_steps,
+            eval_batches=max(1, math.ceil(x.eval_tokens / per_micro_step)),
+        )
+
+    def describe(self, model, table) -> str:
+        counts = model.num_parameters()
+        table_params = table.num_rows * table.dim if table is not None else 0
+        return (
+            f"model: backbone {counts['backbone']:,} params, Engram blocks {counts['engram_blocks']:,}, "
+            f"Engram table {table_params:,} ({table.num_rows:,} rows)" if table is not None else
+            f"model: backbone {counts['backbone']:,} params (MoE baseline, no Engram)"
+        ) + (
+            f"\nplan: {self.total_steps} steps x {self.tokens_per_step:,} tokens "
+            f"({self.accumulation} micro-batches of {self.micro_batch_size}x{self.seq_len} on {self.data_parallel_world} DP ranks)"
+        )
+
+
+@dataclass
+class StepResult:
+    loss: float
+    backbone_grad_norm_sq: torch.Tensor
+    table_grad_norm_sq: float
+    table_wait_s: float
+    moe_stats: dict = field(default_factory=dict)
+    gate_means: dict = field(default_factory=dict)
+
+
+class EngramLookup:
+    """This micro-batch's table rows, fetched once per data-parallel replica and shared inside its TP group.
+
+    TP peers see identical tokens, so only TP rank 0 asks the table; the others take part in the table's
+    collectives with no ids and receive the rows by broadcast. With a prefetcher the lookup was started
+    before the forward, and ``__call__`` (reached at the first Engram layer) only waits for it.
+    """
+
+    def __init__(self, table, hash_ids: torch.Tensor, tp_group, prefetcher=None):
+        self.table, self.hash_ids, self.tp_group, self.prefetcher = table, hash_ids, tp_group, prefetcher
+        self.is_leader = tp_group is None or dist.get_rank(tp_group) == 0
+        self.own_ids = hash_ids if self.is_leader else hash_ids[:0]
+        self.rows: torch.Tensor | None = None
+        self.wait_s = 0.0
+        if prefetcher is not None:
+            prefetcher.submit(self.own_ids)
+
+    def __call__(self) -> torch.Tensor:
+        if self.rows is None:
+            start = time.perf_counter()
+            rows = self.prefetcher.result() if self.prefetcher is not None else self.table.lookup(self.own_ids)
+            if self.tp_group is not None:
+                shared = rows.detach() if self.is_leader else torch.empty((*self.hash_ids.shape, self.table.dim))
+                dist.broadcast(shared, group=self.tp_group, group_src=0)
+                rows = shared.requires_grad_()
+            self.rows = rows
+            self.wait_s = time.perf_counter() - start
+        return self.rows
+
+    def push_gradients(self) -> None:
+        """Collective over the table group: TP-sum the rows' gradient, the leader sends it to the owners."""
+        grad = self.rows.grad
+        if self.tp_group is not None:
+            dist.all_reduce(grad, group=self.tp_group)
+        self.table.accumulate_grad(self.own_ids, grad if self.is_leader else grad[:0])
+
+
+def train_step(model, table, prefetcher, loader, plan: StepPlan, dims) -> StepResult:
+    """Forward/backward ``plan.accumulation`` micro-batches, then make gradients global (DP/TP/EP)."""
+    model.train()
+    model.moe_load.reset()
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / plan.accumulation))
+    tp_group = parallel_state.get_tensor_model_parallel_group() if dims.tp > 1 else None
+    losses, table_wait_s = [], 0.0
+    for _ in range(plan.accumulation):
+        batch = next(loader)
+        inputs, labels = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
+        lookup = EngramLookup(table, batch["hash_ids"], tp_group, prefetcher) if table is not None else None
+        if lookup is not None and prefetcher is None:
+            lookup()  # without prefetch the lookup sits on the critical path, before the forward
+        loss = model(inputs, labels, engram_rows=lookup).mean()
+        (loss / plan.accumulation).backward()
+        if lookup is not None:
+            lookup.push_gradients()
+            table_wait_s += lookup.wait_s
+        losses.append(loss.detach())
+    finalize_grads(model, dims)
+    loss = torch.stack(losses).mean()
+    if dims.dp > 1:
+        dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+        loss /= dims.dp
+    return StepResult(
+        loss=float(loss),
+        backbone_grad_norm_sq=backbone_grad_norm_sq(model, dims),
+        table_grad_norm_sq=table.grad_norm_sq() / dims.dp**2 if table is not None else 0.0,
+        table_wait_s=table_wait_s,
+        moe_stats=model.moe_load.summary(),
+        gate_means=model.gate_means(),
+    )
+
+
+@torch.no_grad()
+def evaluate(model, table, val_loader, batches: int, dims) -> float:
+    """Mean per-token loss over the first ``batches`` validation batches of every DP rank (deterministic)."""
+    model.eval()
+    tp_group = parallel_state.get_tensor_model_parallel_group() if dims.tp > 1 else None
+    sums = torch.zeros(2, dtype=torch.float64)
+    for batch in itertools.islice(val_loader, batches):
+        inputs, labels = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
+        lookup = EngramLookup(table, batch["hash_ids"], tp_group) if table is not None else None
+        per_token = model(inputs, labels, engram_rows=lookup() if lookup is not None else None)
+        sums += torch.tensor([float(per_token.double().sum()), per_token.numel()], dtype=torch.float64)
+    model.train()
+    if dims.dp > 1:
+        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+    if sums[1] == 0:
+        raise RuntimeError("validation split yielded no batches; re-run data preparation with a validation split")
+    return float(sums[0] / sums[1])
+
+
+def unigram_entropy(val_loader, batches: int, *, vocab_size: int) -> float:
+    """Entropy (nats) of the validation targets' unigram distribution: the loss of a context-free model."""
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for batch in itertools.islice(val_loader, batches):
+        counts += torch.bincount(batch["tokens"][:, 1:].reshape(-1), minlength=vocab_size)[:vocab_size].double()
+    probs = counts[counts > 0] / counts.sum()
+    return float(-(probs * probs.log()).sum())

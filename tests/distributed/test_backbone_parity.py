@@ -1,0 +1,107 @@
+"""TP / EP / TP x EP on real gloo against the single-process run: same losses for steps 1-5, Engram on.
+
+Every layout runs the real train_step (TP-shared table lookup, SP Engram blocks, grad finalisation,
+global clipping) on the same global batches; each data-parallel rank takes its slice of every batch.
+
+The MoE aux loss is on where data parallelism is 1 (TP=2). With DP > 1 it is off: Megatron's
+per-micro-batch load-balancing loss is computed over each DP rank's own tokens, so splitting a batch
+over replicas legitimately changes that term (as in any Megatron run); everything else must match.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.distributed.spawn import run_ranks
+
+pytestmark = pytest.mark.slow
+
+STEPS, SEQ, GLOBAL_MICRO, ACCUM, VOCAB, LR = 5, 32, 8, 2, 512, 3e-3
+
+
+def _global_batches():
+    generator = torch.Generator().manual_seed(7)
+    # A repetitive token stream so the n-gram memory has something to learn.
+    base = torch.randint(0, VOCAB, (64,), generator=generator)
+    for _ in range(STEPS * ACCUM):
+        starts = torch.randint(0, 64, (GLOBAL_MICRO,), generator=generator)
+        yield torch.stack([base[(s + torch.arange(SEQ + 1)) % 64] for s in starts])
+
+
+def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float):
+    from engram_train.backbone import build_model
+    from engram_train.config import Config, validate
+    from engram_train.engram import NgramHasher
+    from engram_train.memory import ShardedEngramTable
+    from engram_train.optim import clip_coefficient, configure_optimizer, global_grad_norm
+    from engram_train.parallel import ParallelDims, destroy_process_groups, init_process_groups
+    from engram_train.train_step import StepPlan, train_step
+
+    cfg = Config()
+    cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads = 2, 64, 4
+    cfg.model.num_experts, cfg.model.moe_ffn_hidden_size, cfg.model.ffn_hidden_size = 4, 32, 64
+    cfg.engram.layers, cfg.engram.heads_per_order, cfg.engram.head_dim, cfg.engram.rows_per_head = [1], 2, 8, 257
+    cfg.parallel.tp, cfg.parallel.ep = tp, ep
+    cfg.data.seq_len = SEQ
+    dp = world // tp
+    cfg.experiment.micro_batch_size = GLOBAL_MICRO // dp
+    cfg.experiment.batch_tokens = SEQ * GLOBAL_MICRO * ACCUM
+    cfg.experiment.total_tokens = cfg.experiment.batch_tokens * STEPS
+    cfg.optim.lr = LR
+    cfg.model.moe_aux_loss_coeff = aux_loss_coeff
+    validate(cfg)
+    dims = ParallelDims.from_config(cfg)
+    groups = init_process_groups(dims)
+    try:
+        torch.manual_seed(0)
+        hasher = NgramHasher.from_config(cfg.engram, np.arange(VOCAB, dtype=np.int64), pad_token_id=0)
+        model = build_model(cfg, vocab_size=VOCAB, dims=dims)
+        optimizer = configure_optimizer(model, cfg.optim)
+        table = ShardedEngramTable(hasher.num_rows, cfg.engram.head_dim, group=groups.table, lr=LR * 5,
+                                   betas=(0.9, 0.95), seed=0, use_cpu_adam=False)
+        plan = StepPlan.from_config(cfg, data_parallel_world=groups.data_parallel_world)
+        dp_rank, local = groups.data_parallel_rank, cfg.experiment.micro_batch_size
+
+        def loader():
+            for batch in _global_batches():
+                mine = batch[dp_rank * local:(dp_rank + 1) * local]
+                yield {"tokens": mine, "hash_ids": torch.from_numpy(hasher.hash_numpy(mine[:, :-1].numpy()))}
+
+        batches, losses = loader(), []
+        for _ in range(STEPS):
+            result = train_step(model, table, None, batches, plan, dims)
+            norm = global_grad_norm(result.backbone_grad_norm_sq, result.table_grad_norm_sq, table_group=groups.table)
+            scale = clip_coefficient(norm, 1.0)
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            table.step(LR * 5, grad_scale=scale / dims.dp)
+            losses.append((result.loss, norm))
+        return torch.tensor(losses, dtype=torch.float64)
+    finally:
+        destroy_process_groups()
+
+
+_REFERENCES: dict[float, torch.Tensor] = {}
+
+
+def _reference(aux_loss_coeff: float) -> torch.Tensor:
+    if aux_loss_coeff not in _REFERENCES:
+        _REFERENCES[aux_loss_coeff] = run_ranks(1, _run, 1, 1, aux_loss_coeff)[0]
+    return _REFERENCES[aux_loss_coeff]
+
+
+@pytest.mark.parametrize(
+    "world, tp, ep, aux_loss_coeff", [(2, 2, 1, 0.01), (2, 1, 2, 0.0), (4, 2, 2, 0.0)], ids=["tp2", "ep2", "tp2-ep2"]
+)
+def test_losses_match_single_process(world, tp, ep, aux_loss_coeff):
+    reference = _reference(aux_loss_coeff)
+    results = run_ranks(world, _run, tp, ep, aux_loss_coeff)
+    for rank, result in enumerate(results):
+        np.testing.assert_allclose(result[:, 0], reference[:, 0], rtol=0, atol=1e-5, err_msg=f"loss, rank {rank}")
+        np.testing.assert_allclose(result[:, 1], reference[:, 1], rtol=1e-4, err_msg=f"grad norm, rank {rank}")
+    assert reference[-1, 0] < reference[0, 0], "the run must actually train"
