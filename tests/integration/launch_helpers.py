@@ -161,14 +161,19 @@ def local_torch_wheel() -> Path | None:
     return None
 
 
+#: Top-level folders a user's `docker build .` never needs (.dockerignore drops them too); skipping them keeps the copy small.
+_NOT_IN_CONTEXT = {".git", ".venv", ".cache", "data", "outputs", "wandb", ".pytest_cache"}
+
+
 def make_build_context(dest: Path) -> Path:
-    """The repository's files (tracked and untracked, minus .gitignore'd) plus wheels/ with a local torch wheel."""
-    files = run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True).stdout.split("\0")
-    for name in filter(None, files):
-        source = REPO / name
-        if source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
+    """A copy of the working tree as `docker build .` would see it, plus wheels/ with a local torch wheel.
+
+    The tree is copied rather than listed by git: .dockerignore, not .gitignore, decides what the image gets.
+    """
+    shutil.copytree(
+        REPO, dest,
+        ignore=lambda folder, names: [n for n in names if n == "__pycache__" or (Path(folder) == REPO and n in _NOT_IN_CONTEXT)],
+    )
     wheel = local_torch_wheel()
     if wheel is not None:
         (dest / "wheels").mkdir(exist_ok=True)
