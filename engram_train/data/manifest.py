@@ -156,6 +156,21 @@ def open_dataset(data_cfg: Any, *, check_shards: bool = True) -> Dataset:
     return dataset
 
 
+#: (path, size, mtime_ns, sha256) of shards already verified in this process: the trainer opens the
+#: dataset for every evaluation, and hashing gigabytes each time would stall it.
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
+def _checksum_ok(shard: ShardInfo) -> bool:
+    st = os.stat(shard.url)
+    key = (os.path.abspath(shard.url), st.st_size, st.st_mtime_ns, shard.sha256)
+    if key not in _VERIFIED:
+        if sha256_file(shard.url) != shard.sha256:
+            return False
+        _VERIFIED.add(key)
+    return True
+
+
 def _check_shards(dataset: Dataset, data_cfg: Any) -> None:
     remote = 0
     for shard in dataset.train + dataset.val:
@@ -164,7 +179,7 @@ def _check_shards(dataset: Dataset, data_cfg: Any) -> None:
             continue
         if not os.path.isfile(shard.url):
             problem = "is missing"
-        elif data_cfg.verify_checksums and sha256_file(shard.url) != shard.sha256:
+        elif data_cfg.verify_checksums and not _checksum_ok(shard):
             problem = f"has a sha256 that disagrees with manifest.json ({shard.sha256[:12]}...): truncated or overwritten"
         else:
             continue
