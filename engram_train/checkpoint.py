@@ -1,10 +1,15 @@
-"""Atomic, resumable checkpoints: one folder per step, valid only once its completion marker exists.
+"""Atomic, resumable, reshardable checkpoints: one folder per step, valid only once its marker exists.
 
-Layout of ``<run_dir>/checkpoints/step_00000100/``: ``rank_<r>.pt`` (this rank's backbone shard,
-optimizer, loader position, RNG states), the table's own shard files, ``meta.json`` and ``COMPLETE``.
+Layout of ``<run_dir>/checkpoints/step_00000100/``:
+- ``backbone/``: model and AdamW state through Megatron's ``dist_checkpointing`` on its ``torch_dist``
+  backend, i.e. ``torch.distributed.checkpoint`` files addressed by global tensor names and offsets,
+  so a checkpoint written at one TP/EP layout loads at any other;
+- the Engram table's shard files (``ShardedEngramTable.save``; they reshard to any world size too);
+- ``rank_<r>.pt``: what is per data-parallel rank (loader position, RNG states, counters);
+- ``meta.json`` and ``COMPLETE``.
 Everything is written into ``step_<n>.partial`` first; after a barrier rank 0 writes the marker and
 renames the folder, so a crash at any moment leaves either a complete checkpoint or an ignored partial
-one. Files load with ``weights_only=True``: checkpoints hold tensors and plain Python values only.
+one. Our files load with ``weights_only=True``: they hold tensors and plain Python values only.
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from engram_train.backbone.checkpoint import backbone_sharded_state_dict, load_backbone
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -86,28 +94,24 @@ class Checkpointer:
         ]
         return max(complete, key=lambda d: int(_STEP_DIR.match(d.name).group(1)), default=None)
 
-    def save(
-        self,
-        step: int,
-        state: dict[str, Any],
-        *,
-        meta: dict[str, Any],
-        extra_writers: list[Callable[[Path], None]] = (),
-    ) -> Path:
+    def save(self, step: int, *, model, optimizer, table, rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
         """Collective: every rank writes its part, rank 0 seals the folder. Returns the final path."""
         final = self.step_dir(step)
         partial = final.with_name(final.name + ".partial")
         if self.rank == 0:
             if partial.exists():
                 shutil.rmtree(partial)
-            partial.mkdir(parents=True)
+            (partial / "backbone").mkdir(parents=True)
         _barrier()
-        atomic_torch_save(state, partial / f"rank_{self.rank}.pt")
-        for write in extra_writers:
-            write(partial)
+        dist_checkpointing.save(backbone_sharded_state_dict(model, optimizer), str(partial / "backbone"))
+        if table is not None:
+            table.save(partial)
+        atomic_torch_save(rank_state, partial / f"rank_{self.rank}.pt")
+        dp_ranks = _gather_objects(rank_state["dp_rank"])
         _barrier()
         if self.rank == 0:
-            (partial / "meta.json").write_text(json.dumps({**meta, "step": step, "world": self.world}, indent=2))
+            meta = {**meta, "step": step, "world": self.world, "dp_rank_of_rank": dp_ranks}
+            (partial / "meta.json").write_text(json.dumps(meta, indent=2))
             (partial / MARKER).write_text("ok\n")
             if final.exists():
                 shutil.rmtree(final)
@@ -121,19 +125,31 @@ class Checkpointer:
         for old in complete[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        """This rank's state and the checkpoint's meta.json, checked for completeness and layout."""
+    def load(self, path: Path, *, model, optimizer, table, dp_rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restore model, optimizer and table in place (any layout); return this DP rank's state and meta."""
         path = Path(path)
         if not (path / MARKER).exists():
             raise CheckpointError(f"{path}: not a complete checkpoint (no {MARKER} marker); pick another step folder")
         meta = json.loads((path / "meta.json").read_text())
-        if meta["world"] != self.world:
+        sources = [r for r, d in enumerate(meta["dp_rank_of_rank"]) if d == dp_rank]
+        if not sources:
             raise CheckpointError(
-                f"{path}: written by {meta['world']} ranks, this run has {self.world}; "
-                f"relaunch with {meta['world']} processes to resume it"
+                f"{path}: written with {len(set(meta['dp_rank_of_rank']))} data-parallel ranks, this run has data-parallel "
+                f"rank {dp_rank}; keep world/parallel.tp at the same data-parallel size to resume the data stream"
             )
-        state = torch.load(path / f"rank_{self.rank}.pt", map_location="cpu", weights_only=True)
+        load_backbone(model, optimizer, path / "backbone")
+        if table is not None:
+            table.load(path)
+        state = torch.load(path / f"rank_{sources[0]}.pt", map_location="cpu", weights_only=True)
         return state, meta
+
+
+def _gather_objects(value: Any) -> list[Any]:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def _barrier() -> None:

@@ -139,6 +139,25 @@ def init_process_groups(dims: ParallelDims) -> ProcessGroups:
     )
 
 
+class PeerFailureError(RuntimeError):
+    """A collective failed because another rank died or stopped answering."""
+
+
+_PEER_FAILURE_SIGNS = ("gloo", "connection", "timed out", "timeout", "nccl", "peer", "socket")
+
+
+def explain_peer_failure(error: RuntimeError, dims: ParallelDims) -> RuntimeError:
+    """Turn a backend error from a collective into a message that says what happened and what to do."""
+    text = str(error).lower()
+    if dims.world == 1 or isinstance(error, PeerFailureError) or not any(s in text for s in _PEER_FAILURE_SIGNS):
+        return error
+    return PeerFailureError(
+        f"rank {dims.rank}/{dims.world}: a collective failed ({str(error).splitlines()[0][:200]}); another rank has "
+        f"most likely died or stalled for more than parallel.timeout_s={dims.timeout_s}s. Check the other ranks' "
+        "logs, then relaunch the same command: training resumes from the newest complete checkpoint"
+    )
+
+
 def destroy_process_groups() -> None:
     """Tear down cleanly: without it world-2 gloo runs sometimes abort at exit."""
     from megatron.core import parallel_state

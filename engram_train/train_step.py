@@ -162,6 +162,62 @@ def train_step(model, table, prefetcher, loader, plan: StepPlan, dims) -> StepRe
     )
 
 
+def apply_update(model, optimizer, table, *, lr: float, table_lr: float, clip_scale: float, dims) -> None:
+    """Clip (one scale for backbone and table), step AdamW and the table's sparse optimizer."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if clip_scale < 1.0:
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad.mul_(clip_scale)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if table is not None:
+        # Owners summed the row gradients of all DP replicas; the backbone's are averaged.
+        table.step(table_lr, grad_scale=clip_scale / dims.dp)
+
+
+def discard_gradients(model, optimizer, table) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    if table is not None:
+        table.zero_grad()
+
+
+class MetricsWindow:
+    """Averages over the steps between two log lines: loss, throughput, time spent waiting for the table.
+
+    Throughput counts training-step time only (forward, backward, update), not evaluation or checkpoints.
+    """
+
+    def __init__(self):
+        self.losses: list[float] = []
+        self.tokens = 0
+        self.table_wait_s = 0.0
+        self.step_s = 0.0
+
+    def add(self, result: StepResult, tokens: int, seconds: float) -> None:
+        self.losses.append(result.loss)
+        self.tokens += tokens
+        self.table_wait_s += result.table_wait_s
+        self.step_s += seconds
+
+    def flush(self, *, lr: float, grad_norm: float, tokens: int, result: StepResult, table) -> dict:
+        elapsed = max(self.step_s, 1e-9)
+        metrics = {
+            "loss": sum(self.losses) / len(self.losses),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": tokens,
+            "tokens_per_s": self.tokens / elapsed,
+            **result.moe_stats,
+            **{f"engram_gate/layer_{layer}": gate for layer, gate in result.gate_means.items()},
+        }
+        if table is not None:
+            metrics.update({f"table/{key}": value for key, value in table.stats().items()})
+            metrics["table_wait_share"] = self.table_wait_s / elapsed
+        return metrics
+
+
 @torch.no_grad()
 def evaluate(model, table, val_loader, batches: int, dims) -> float:
     """Mean per-token loss over the first ``batches`` validation batches of every DP rank (deterministic)."""

@@ -1,0 +1,65 @@
+"""The backbone's checkpoint as a layout-free sharded state dict (model + AdamW moments).
+
+Megatron's ``sharded_state_dict`` names every tensor by its global key, shape and this rank's offset;
+Megatron's optimizer helpers attach the same sharding to each Adam moment. ``dist_checkpointing`` then
+stores it with ``torch.distributed.checkpoint``, and loading into a model of another TP/EP layout reads
+exactly the slices the new layout owns. Engram blocks are replicated on every rank and saved once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.optimizer import (
+    get_param_id_to_sharded_param_map,
+    optim_state_to_sharding_state,
+)
+from megatron.core.utils import make_sharded_tensor_for_checkpoint
+
+
+def _model_sharded_state_dict(model) -> dict:
+    state = model.gpt.sharded_state_dict(prefix="gpt.")
+    for name, tensor in model.engram_blocks.state_dict(prefix="engram_blocks.", keep_vars=True).items():
+        state[name] = make_sharded_tensor_for_checkpoint(tensor, name)
+    return state
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _init_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter zero moments so a checkpoint's moments have tensors to load into."""
+    for param in _optimizer_params(optimizer):
+        state = optimizer.state[param]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param)
+            state["exp_avg_sq"] = torch.zeros_like(param)
+
+
+def backbone_sharded_state_dict(model, optimizer: torch.optim.Optimizer, *, loading: bool = False) -> dict:
+    if loading:
+        _init_adam_state(optimizer)
+    model_state = _model_sharded_state_dict(model)
+    optim_state = optimizer.state_dict()
+    steps = {float(s["step"]) for s in optim_state["state"].values() if "step" in s}
+    if len(steps) > 1:
+        raise RuntimeError(f"AdamW parameters disagree on the step count ({sorted(steps)}); cannot checkpoint")
+    id_map = get_param_id_to_sharded_param_map(model_state, _optimizer_params(optimizer))
+    optim_state_to_sharding_state(optim_state, id_map, exclude_keys=("step",))
+    optim_state["common_step"] = steps.pop() if steps else 0.0
+    return {"model": model_state, "optimizer": optim_state}
+
+
+def load_backbone(model, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Load the slices this rank owns, whatever layout wrote the checkpoint."""
+    loaded = dist_checkpointing.load(backbone_sharded_state_dict(model, optimizer, loading=True), str(directory))
+    model.load_state_dict(loaded["model"], strict=True)
+    optim_state = loaded["optimizer"]
+    step = float(optim_state.pop("common_step"))
+    for param_state in optim_state["state"].values():
+        param_state["step"] = torch.tensor(step, dtype=torch.float32)
+    optimizer.load_state_dict(optim_state)
