@@ -19,11 +19,14 @@
 #   --rdzv-backend B     RDZV_BACKEND    c10d (default) or static
 #   --max-restarts K     MAX_RESTARTS    torchrun restarts all workers up to K times after a failure
 #                                        (default 0); each restart auto-resumes from the newest checkpoint
+#   --shutdown-timeout S SHUTDOWN_TIMEOUT  seconds torchrun waits for workers to exit after forwarding a signal,
+#                                        before SIGKILL (default 100: inside the sbatch's 120 s warning, time
+#                                        for the trainer's preemption checkpoint)
 # Everything else (or everything after --) goes to the trainer: Hydra overrides and flags.
 #
 # Defaults set here when unset: TORCH_EXTENSIONS_DIR=<repo>/.cache/torch_extensions (DeepSpeed's JIT
-# kernels, built once and shared), WANDB_MODE=offline. SIGUSR1 is added to the signals torchrun forwards
-# to its workers, so a scheduler's "time is nearly up" signal reaches the trainer.
+# kernels, built once and shared), WANDB_MODE=offline. A trainer checkpoints at the next step boundary and
+# exits on SIGUSR1 or SIGTERM (engram_train/preemption.py): outside SLURM, send USR1 to the trainer processes.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -47,6 +50,11 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 RDZV_ID="${RDZV_ID:-${SLURM_JOB_ID:-engram}}"
 RDZV_BACKEND="${RDZV_BACKEND:-c10d}"
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
+SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-100}"
+# Signals torchrun catches and forwards to its workers' process groups. Not USR1: under SLURM every process
+# of the step gets it directly, and launch/slurm.sbatch starts the step with USR1 ignored so that only the
+# trainer's main process (which installs a handler) reacts to it.
+SIGNALS_TO_HANDLE="${SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT}"
 
 overrides=()
 while (($#)); do
@@ -58,6 +66,7 @@ while (($#)); do
         --rdzv-id) RDZV_ID="${2:?$1 needs a value}"; shift 2 ;;
         --rdzv-backend) RDZV_BACKEND="${2:?$1 needs a value}"; shift 2 ;;
         --max-restarts) MAX_RESTARTS="${2:?$1 needs a value}"; shift 2 ;;
+        --shutdown-timeout) SHUTDOWN_TIMEOUT="${2:?$1 needs a value}"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         --) shift; overrides+=("$@"); break ;;
         *) overrides+=("$1"); shift ;;
@@ -75,6 +84,7 @@ fi
 [[ "$NPROC_PER_NODE" =~ ^[1-9][0-9]*$ ]] || die "--nproc-per-node must be a positive integer, got '$NPROC_PER_NODE'"
 [[ "$NNODES" =~ ^[1-9][0-9]*(:[1-9][0-9]*)?$ ]] || die "--nnodes must be N or MIN:MAX, got '$NNODES'"
 [[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die "--max-restarts must be a non-negative integer, got '$MAX_RESTARTS'"
+[[ "$SHUTDOWN_TIMEOUT" =~ ^[0-9]+$ ]] || die "--shutdown-timeout must be seconds, got '$SHUTDOWN_TIMEOUT'"
 
 # The interpreter of the repo's venv when there is one, so `make setup` is enough to launch.
 PYTHON="${PYTHON:-}"
@@ -84,10 +94,10 @@ fi
 
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$REPO/.cache/torch_extensions}"
 export WANDB_MODE="${WANDB_MODE:-offline}"
-export TORCHELASTIC_SIGNALS_TO_HANDLE="${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
 mkdir -p "$TORCH_EXTENSIONS_DIR"
 
-cmd=("$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC_PER_NODE" --max-restarts "$MAX_RESTARTS")
+cmd=("$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC_PER_NODE" --max-restarts "$MAX_RESTARTS"
+     --signals-to-handle "$SIGNALS_TO_HANDLE" --shutdown-timeout "$SHUTDOWN_TIMEOUT")
 if [[ "$NNODES" == 1 && -z "$MASTER_ADDR" ]]; then
     cmd+=(--standalone)
 else

@@ -109,9 +109,11 @@ def test_srun_per_rank_job_requeues_before_time_limit_and_resumes(slurm, tiny_da
                      what=f"a first checkpoint of job {job}", poll_s=0.5)
     assert job_fields(job, env)["JobState"] == "RUNNING", "the run must still be going when the signal comes"
     assert run(["scancel", "--signal=USR1", "--batch", job], env=env).returncode == 0
-    wait_for(lambda: job_fields(job, env).get("Restarts") == "1", timeout_s=60, what=f"job {job} requeued")
+    wait_for(lambda: (lambda f: f.get("Restarts") == "1" and f.get("JobState") == "PENDING")(job_fields(job, env)),
+             timeout_s=150, what=f"job {job} requeued")
     # SLURM holds a requeued job back ~2 minutes (BeginTime); release it now.
-    run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env)
+    released = run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env)
+    assert released.returncode == 0, released.stderr
     fields = _wait_finished(job, env, log, timeout_s=180)
 
     text = log.read_text()
