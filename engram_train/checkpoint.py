@@ -15,10 +15,13 @@ one. Our files load with ``weights_only=True``: they hold tensors and plain Pyth
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import re
 import shutil
+import signal
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from engram_train.backbone.checkpoint import backbone_sharded_state_dict, load_backbone
 
@@ -103,6 +107,7 @@ class Checkpointer:
                 shutil.rmtree(partial)
             (partial / "backbone").mkdir(parents=True)
         _barrier()
+        _shield_checkpoint_writer()
         dist_checkpointing.save(backbone_sharded_state_dict(model, optimizer), str(partial / "backbone"))
         if table is not None:
             table.save(partial)
@@ -142,6 +147,26 @@ class Checkpointer:
             table.load(path)
         state = torch.load(path / f"rank_{sources[0]}.pt", map_location="cpu", weights_only=True)
         return state, meta
+
+
+def _ignore_stop_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _shield_checkpoint_writer() -> None:
+    """Keep Megatron's checkpoint writer alive through scheduler signals.
+
+    Its writer reports through a queue served by a spawned manager process. Schedulers (srun,
+    scancel, preemption) signal every process of a task, and a spawned process dies of SIGTERM or
+    SIGUSR1 by default, so the preemption checkpoint, written right after such a signal, broke with
+    BrokenPipeError. We start that manager ourselves with the stop signals ignored; the trainer
+    itself still sees them (PreemptionWatch).
+    """
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(initializer=_ignore_stop_signals)
+        filesystem_async._results_queue = manager.Queue()
 
 
 def _gather_objects(value: Any) -> list[Any]:

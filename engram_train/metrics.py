@@ -104,7 +104,7 @@ def _format(record: dict[str, Any]) -> str:
         if key in record:
             value = record[key]
             parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
-    gates = [f"{v:.2f}" for k, v in sorted(record.items()) if k.startswith("engram_gate/")]
+    gates = [f"{v:.2f}" if isinstance(v, float) else str(v) for k, v in sorted(record.items()) if k.startswith("engram_gate/")]
     if gates:
         parts.append("gate " + ",".join(gates))
     return "  ".join(parts)

@@ -44,6 +44,10 @@ from engram_train.train_step import (
 )
 
 
+class NonFiniteLossError(RuntimeError):
+    """Loss or gradient norm became NaN/inf with optim.on_nonfinite=stop."""
+
+
 def build_hasher(cfg: Config, dataset) -> NgramHasher:
     """The n-gram hasher for this run; n-gram history is padded with the dataset's EOS id."""
     return NgramHasher.from_config(cfg.engram, dataset.compression, pad_token_id=dataset.eos_id)

@@ -1,0 +1,162 @@
+"""Surviving failures: preemption signals, kill -9 of one rank, half-written checkpoints, NaN losses,
+and resuming a TP=2 checkpoint at TP=1. Each run is the real CLI (or torchrun) on a real dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engram_train.checkpoint import MARKER, CheckpointError, Checkpointer
+from engram_train.preemption import REQUEUE_EXIT_CODE
+from engram_train.train import NonFiniteLossError, train
+
+from .conftest import REPO, TINY_OVERRIDES
+
+pytestmark = pytest.mark.slow
+
+STEPS = 10
+
+
+def _args(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [*TINY_OVERRIDES, f"data.path={dataset}", f"experiment.run_dir={run_dir}",
+            f"experiment.total_tokens={STEPS * 1024}", "experiment.log_every=1", "experiment.eval_every=1000",
+            "experiment.wandb.mode=disabled", *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def _single(dataset, run_dir, *extra) -> list[str]:
+    return [sys.executable, "-m", "engram_train.train", *_args(dataset, run_dir, *extra)]
+
+
+def _torchrun(dataset, run_dir, *extra) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "engram_train.train", *_args(dataset, run_dir, *extra)]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+
+
+def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _start(cmd: list[str], log: Path) -> tuple[subprocess.Popen, Path]:
+    """Start in the background, output to a file (an unread pipe would fill up and block the trainer)."""
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True), log
+
+
+def _wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.exists() and any(json.loads(l).get("step") == step for l in metrics.read_text().splitlines() if l):
+            return
+        assert process.poll() is None, f"trainer exited early with {process.returncode}"
+        time.sleep(0.2)
+    raise TimeoutError(f"step {step} never logged in {metrics}")
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_sigterm_checkpoints_exits_for_requeue_and_resume_continues_the_same_curve(tiny_dataset, tmp_path):
+    reference = tmp_path / "reference"
+    _run(_single(tiny_dataset, reference))
+
+    run_dir = tmp_path / "preempted"
+    process, log = _start(_single(tiny_dataset, run_dir), tmp_path / "preempted.log")
+    _wait_for_step(run_dir, 3, process)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=300)
+    output = log.read_text()
+    assert process.returncode == REQUEUE_EXIT_CODE, output[-3000:]
+    saved = Checkpointer(run_dir, rank=0, world=1, keep=2).latest()
+    assert saved is not None and (saved / MARKER).exists()
+    stopped_at = int(saved.name.split("_")[1])
+    assert 3 <= stopped_at < STEPS
+    assert "SIGTERM" in output
+
+    _run(_single(tiny_dataset, run_dir))
+    assert _losses(run_dir) == _losses(reference), "the resumed run must continue the same loss curve exactly"
+
+
+def test_kill_9_of_one_torchrun_rank_then_relaunch_resumes_exactly(tiny_dataset, tmp_path):
+    layout = ["parallel.ep=2", "experiment.micro_batch_size=4", "experiment.checkpoint_every=2"]
+    reference = tmp_path / "reference"
+    _run(_torchrun(tiny_dataset, reference, *layout))
+
+    run_dir = tmp_path / "killed"
+    launcher, _ = _start(_torchrun(tiny_dataset, run_dir, *layout), tmp_path / "killed.log")
+    _wait_for_step(run_dir, 5, launcher)
+    workers = _children(launcher.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    launcher.wait(timeout=300)
+    assert launcher.returncode != 0, "torchrun must report the dead rank"
+    checkpoints = Checkpointer(run_dir, rank=0, world=2, keep=2)
+    resumed_from = checkpoints.latest()
+    assert resumed_from is not None and int(resumed_from.name.split("_")[1]) >= 4
+
+    result = _run(_torchrun(tiny_dataset, run_dir, *layout))
+    assert f"resumed from {resumed_from}" in result.stdout + result.stderr
+    assert _losses(run_dir) == _losses(reference)
+
+
+def test_half_written_checkpoints_are_ignored(tiny_config, tmp_path):
+    cfg = tiny_config(f"experiment.total_tokens={4 * 1024}", "experiment.checkpoint_every=2", "experiment.wandb.mode=disabled")
+    train(cfg)
+    root = Path(cfg.experiment.run_dir) / "checkpoints"
+    complete = root / "step_00000004"
+    # A crash mid-save leaves a .partial folder; a folder without its marker is equally unusable.
+    shutil.copytree(complete, root / "step_00000006.partial")
+    shutil.copytree(complete, root / "step_00000008")
+    (root / "step_00000008" / MARKER).unlink()
+    checkpointer = Checkpointer(Path(cfg.experiment.run_dir), rank=0, world=1, keep=2)
+    assert checkpointer.latest() == complete
+    with pytest.raises(CheckpointError, match="no COMPLETE marker"):
+        checkpointer.load(root / "step_00000008", model=None, optimizer=None, table=None, dp_rank=0)
+    with pytest.raises(CheckpointError, match="no COMPLETE marker"):
+        checkpointer.load(root / "missing", model=None, optimizer=None, table=None, dp_rank=0)
+
+
+def test_tp2_checkpoint_resumes_at_tp1_with_the_same_losses(tiny_dataset, tmp_path):
+    tp_run = tmp_path / "tp2"
+    _run(_torchrun(tiny_dataset, tp_run, "parallel.tp=2", "experiment.checkpoint_every=5"))
+    single = tmp_path / "tp1"
+    (single / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tp_run / "checkpoints" / "step_00000005", single / "checkpoints" / "step_00000005")
+    lines = (tp_run / "metrics.jsonl").read_text().splitlines()[:5]
+    (single / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    _run(_single(tiny_dataset, single))
+    np.testing.assert_allclose(_losses(single), _losses(tp_run), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_non_finite_loss_stops_with_the_step_or_is_skipped(tiny_config, policy):
+    cfg = tiny_config(f"experiment.total_tokens={6 * 1024}", "optim.lr=1e30", "optim.warmup_tokens=0",
+                      "optim.grad_clip=0", f"optim.on_nonfinite={policy}", "experiment.wandb.mode=disabled")
+    if policy == "stop":
+        with pytest.raises(NonFiniteLossError, match=r"step \d+: loss=(nan|inf)"):
+            train(cfg)
+    else:
+        summary = train(cfg)
+        assert summary["skipped_steps"] > 0 and summary["steps"] == 6
