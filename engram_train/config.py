@@ -173,6 +173,8 @@ class ExperimentConfig:
     checkpoint_every: int = 0
     #: Keep the newest K checkpoints.
     keep_checkpoints: int = 2
+    #: Peak dense TFLOP/s of one rank's device, for the MFU estimate (0: report achieved TFLOP/s only).
+    peak_tflops: float = 0.0
     #: Resume from the newest complete checkpoint in run_dir when one exists.
     auto_resume: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)

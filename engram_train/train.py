@@ -32,6 +32,7 @@ from engram_train.metrics import MetricsLogger
 from engram_train.optim import LRSchedule, clip_coefficient, configure_optimizer, global_grad_norm
 from engram_train.parallel import ParallelDims, destroy_process_groups, explain_peer_failure, init_process_groups
 from engram_train.preemption import REQUEUE_EXIT_CODE, PreemptionWatch
+from engram_train.throughput import flops_per_token, memory_metrics, throughput_metrics
 from engram_train.train_step import (
     MetricsWindow,
     StepPlan,
@@ -125,6 +126,7 @@ def train(cfg: Config) -> dict:
         logger.print(plan.describe(model, table))
         entropy = unigram_entropy(val_loader(with_hashes=False), plan.eval_batches, vocab_size=dataset.vocab_size)
 
+        model_flops = flops_per_token(cfg, dataset.vocab_size)
         checkpoint_path, preempted, val_loss = latest, False, float("nan")
         window = MetricsWindow()
         while state.step < plan.total_steps:
@@ -152,6 +154,10 @@ def train(cfg: Config) -> dict:
             if state.step % x.log_every == 0 or is_last or evaluate_now:
                 metrics = window.flush(lr=lr, grad_norm=grad_norm, tokens=state.tokens_seen, result=result, table=table)
                 metrics["skipped_steps"] = state.skipped_steps
+                metrics.update(throughput_metrics(metrics["tokens_per_s"], flops_per_token=model_flops, world=dims.world,
+                                                  peak_tflops=x.peak_tflops))
+                metrics.update(memory_metrics())
+                metrics.update(loader.stats())
                 state.last_loss = metrics.get("loss", state.last_loss)
                 if evaluate_now:
                     val_loss = evaluate(model, table, val_loader(), plan.eval_batches, dims)

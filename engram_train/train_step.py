@@ -99,8 +99,9 @@ class EngramLookup:
     before the forward, and ``__call__`` (reached at the first Engram layer) only waits for it.
     """
 
-    def __init__(self, table, hash_ids: torch.Tensor, tp_group, prefetcher=None):
+    def __init__(self, table, hash_ids: torch.Tensor, tp_group, prefetcher=None, device=torch.device("cpu")):
         self.table, self.hash_ids, self.tp_group, self.prefetcher = table, hash_ids, tp_group, prefetcher
+        self.device = device
         self.is_leader = tp_group is None or dist.get_rank(tp_group) == 0
         self.own_ids = hash_ids if self.is_leader else hash_ids[:0]
         self.rows: torch.Tensor | None = None
@@ -112,9 +113,12 @@ class EngramLookup:
         if self.rows is None:
             start = time.perf_counter()
             rows = self.prefetcher.result() if self.prefetcher is not None else self.table.lookup(self.own_ids)
-            if self.tp_group is not None:
-                shared = rows.detach() if self.is_leader else torch.empty((*self.hash_ids.shape, self.table.dim))
-                dist.broadcast(shared, group=self.tp_group, group_src=0)
+            if self.tp_group is not None or self.device.type != "cpu":
+                # The table lives in host RAM; the model (and the TP group's backend) may be on a GPU.
+                shape = (*self.hash_ids.shape, self.table.dim)
+                shared = rows.detach().to(self.device) if self.is_leader else torch.empty(shape, device=self.device)
+                if self.tp_group is not None:
+                    dist.broadcast(shared, group=self.tp_group, group_src=0)
                 rows = shared.requires_grad_()
             self.rows = rows
             self.wait_s = time.perf_counter() - start
@@ -125,6 +129,7 @@ class EngramLookup:
         grad = self.rows.grad
         if self.tp_group is not None:
             dist.all_reduce(grad, group=self.tp_group)
+        grad = grad.to("cpu") if grad.device.type != "cpu" else grad
         self.table.accumulate_grad(self.own_ids, grad if self.is_leader else grad[:0])
 
 
@@ -134,11 +139,13 @@ def train_step(model, table, prefetcher, loader, plan: StepPlan, dims) -> StepRe
     model.moe_load.reset()
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / plan.accumulation))
     tp_group = parallel_state.get_tensor_model_parallel_group() if dims.tp > 1 else None
+    device = next(model.parameters()).device
     losses, table_wait_s = [], 0.0
     for _ in range(plan.accumulation):
         batch = next(loader)
-        inputs, labels = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
-        lookup = EngramLookup(table, batch["hash_ids"], tp_group, prefetcher) if table is not None else None
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        lookup = EngramLookup(table, batch["hash_ids"], tp_group, prefetcher, device) if table is not None else None
         if lookup is not None and prefetcher is None:
             lookup()  # without prefetch the lookup sits on the critical path, before the forward
         loss = model(inputs, labels, engram_rows=lookup).mean()
@@ -157,7 +164,7 @@ def train_step(model, table, prefetcher, loader, plan: StepPlan, dims) -> StepRe
         backbone_grad_norm_sq=backbone_grad_norm_sq(model, dims),
         table_grad_norm_sq=table.grad_norm_sq() / dims.dp**2 if table is not None else 0.0,
         table_wait_s=table_wait_s,
-        moe_stats=model.moe_load.summary(),
+        moe_stats=model.moe_load.summary(dist.group.WORLD if dist.get_world_size() > 1 else None),
         gate_means=model.gate_means(),
     )
 
@@ -223,12 +230,14 @@ def evaluate(model, table, val_loader, batches: int, dims) -> float:
     """Mean per-token loss over the first ``batches`` validation batches of every DP rank (deterministic)."""
     model.eval()
     tp_group = parallel_state.get_tensor_model_parallel_group() if dims.tp > 1 else None
-    sums = torch.zeros(2, dtype=torch.float64)
+    device = next(model.parameters()).device
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in itertools.islice(val_loader, batches):
-        inputs, labels = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
-        lookup = EngramLookup(table, batch["hash_ids"], tp_group) if table is not None else None
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        lookup = EngramLookup(table, batch["hash_ids"], tp_group, device=device) if table is not None else None
         per_token = model(inputs, labels, engram_rows=lookup() if lookup is not None else None)
-        sums += torch.tensor([float(per_token.double().sum()), per_token.numel()], dtype=torch.float64)
+        sums += torch.stack([per_token.double().sum(), torch.tensor(float(per_token.numel()), dtype=torch.float64, device=device)])
     model.train()
     if dims.dp > 1:
         dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())

@@ -119,6 +119,9 @@ def test_srun_per_rank_job_requeues_before_time_limit_and_resumes(slurm, tiny_da
     text = log.read_text()
     assert fields["Restarts"] == "1"
     assert "time limit near" in text and "(restart 1)" in text
+    # The trainer itself checkpointed at the step boundary after the signal and asked for the requeue.
+    assert "trainer exited with 75" in text, text[-3000:]
+    assert "so the job is requeued" in text
     resumed_step = int(text.split("resumed from ")[1].split("step_")[1][:8])
     assert resumed_step >= int(first[0].parent.name.split("_")[1]), "resumed from the newest checkpoint, not from 0"
     assert resumed_step < steps
