@@ -110,13 +110,23 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def sequence_order(n_seq: int, split: str, seed: int) -> np.ndarray:
+    """The seeded order in which a split's packed sequences are written (its inverse restores the stream)."""
+    return np.random.default_rng([seed, len(split)]).permutation(n_seq)
+
+
 def write_shards(
-    tokens_path: Path, dtype: np.dtype, out_dir: Path, split: str, seq_len: int, seqs_per_sample: int, min_shards: int
+    tokens_path: Path, dtype: np.dtype, out_dir: Path, split: str, seq_len: int, seqs_per_sample: int, min_shards: int,
+    seed: int = 0,
 ) -> dict:
     """Pack the spooled tokens into ``{split}-%06d.tar`` shards; returns the split's manifest entry.
 
     Samples are spread so there are at least ``min_shards`` shards of equal sample count (the last
     may be shorter): loader streams get shards, not samples, so equal shards balance the workers.
+    Sequences are written in a seeded random order: documents arrive grouped by source (a dictionary
+    is one long run of entries), and the loader only shuffles shards and a small sample buffer, so
+    without this a short run would train on one source at a time and its loss curve would follow
+    whichever source comes first rather than the model.
     """
     stream = np.memmap(tokens_path, dtype=dtype, mode="r") if tokens_path.stat().st_size else np.zeros(0, dtype)
     n_seq = max(0, (len(stream) - 1) // seq_len)
@@ -131,9 +141,10 @@ def write_shards(
     shards: list[dict] = []
     sink = wds.ShardWriter(str(out_dir / f"{split}-%06d.tar"), maxcount=per_shard, verbose=0, mtime=0)
     windows = np.lib.stride_tricks.sliding_window_view(stream, seq_len + 1)
+    order = sequence_order(n_seq, split, seed)
     for sample in tqdm(range(n_samples), desc=f"write {split}", unit="sample", leave=False):
         first, last = sample * per_sample, min(n_seq, (sample + 1) * per_sample)
-        rows = np.ascontiguousarray(windows[first * seq_len : last * seq_len : seq_len])
+        rows = np.ascontiguousarray(windows[order[first:last] * seq_len])
         if sample % per_shard == 0:
             shards.append({"name": f"{split}-{len(shards):06d}.tar", "samples": 0, "sequences": 0, "tokens": 0})
         sink.write({"__key__": f"{split}-{sample:09d}", "tokens.npy": _npy_bytes(rows)})

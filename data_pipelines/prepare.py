@@ -29,7 +29,7 @@ from tqdm import tqdm
 from data_pipelines import sources, tokenizer as tok
 
 #: Bump when the output of the same inputs changes (packing, readers, manifest layout).
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 
 #: Options that do not change the output and so stay out of the fingerprint.
 _NOT_FINGERPRINTED = {"out", "workers", "force"}
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shards", type=int, default=16, help="minimum train shards; must be >= ranks x loader workers")
     p.add_argument("--val-shards", type=int, default=2, help="minimum validation shards")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
-    p.add_argument("--seed", type=int, default=0, help="order in which a capped corpus samples files")
+    p.add_argument("--seed", type=int, default=0, help="order in which a capped corpus samples files, and of the packed sequences in the shards")
     p.add_argument("--force", action="store_true", help="rebuild even when the output is up to date")
     return p.parse_args(argv)
 
@@ -215,7 +215,8 @@ def prepare(args: argparse.Namespace) -> tuple[dict, bool]:
         pack.tokenize_spool(docs, tokens, tokenizer_json, eos, dtype, args.workers, text_stats[split]["bytes"], f"tokenize {split}")
         times[f"tokenize_{split}_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        splits[split] = pack.write_shards(tokens, dtype, work, split, args.seq_len, args.seqs_per_sample, min_shards)
+        splits[split] = pack.write_shards(tokens, dtype, work, split, args.seq_len, args.seqs_per_sample, min_shards,
+                                          seed=args.seed)
         splits[split].update(text_stats[split])
         times[f"write_{split}_s"] = time.perf_counter() - t
         docs.unlink()

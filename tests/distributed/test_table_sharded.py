@@ -17,8 +17,9 @@ import torch.multiprocessing as mp
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"))
 
-from engram_train.memory import ShardedEngramTable, TablePrefetcher  # noqa: E402
+from engram_train.memory import ShardedEngramTable  # noqa: E402
 from engram_train.memory.table import init_rows  # noqa: E402
+from tests.table_steps import train_table  # noqa: E402
 
 N, D, LR, STEPS, SEED = 1001, 8, 1e-2, 5, 5  # 1001 rows: ranges 501/500 and 334/334/333
 FINGERPRINT = {"seed": 0, "ngram_orders": (2, 3), "heads_per_order": 2}  # tuple: stored as a JSON list
@@ -52,17 +53,7 @@ def _dense_state(table: ShardedEngramTable, name: str) -> torch.Tensor:
 
 
 def _train(table: ShardedEngramTable, rank: int, prefetch: bool) -> None:
-    prefetcher = TablePrefetcher(table) if prefetch else None
-    for step in range(STEPS):
-        ids, w = _batch(step, rank)
-        if prefetcher:
-            prefetcher.submit(ids)
-            rows = prefetcher.result()
-        else:
-            rows = table.lookup(ids)
-        (rows * w).sum().backward()
-        table.accumulate_grad(ids, rows.grad)
-        table.step(LR)
+    train_table(table, (_batch(step, rank) for step in range(STEPS)), lr=LR, prefetch=prefetch)
 
 
 def _init(rank: int, world: int, store: str) -> dist.ProcessGroup:

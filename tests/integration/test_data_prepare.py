@@ -15,6 +15,7 @@ import webdataset as wds
 from tokenizers import Tokenizer
 
 from data_pipelines import prepare
+from data_pipelines.pack import sequence_order
 from engram_train.config import DataConfig
 from engram_train.data import build_train_loader, build_val_loader, open_dataset
 
@@ -57,6 +58,10 @@ def _stream(out: Path, split: str) -> np.ndarray:
         for sample in wds.WebDataset(str(out / shard["name"]), shardshuffle=False, empty_check=False).decode():
             rows.append(sample["tokens.npy"])
     rows = np.concatenate(rows)
+    # Shards hold the sequences in a seeded random order; put them back in stream order.
+    restored = np.empty_like(rows)
+    restored[sequence_order(len(rows), split, manifest["options"]["seed"])] = rows
+    rows = restored
     assert np.array_equal(rows[1:, 0], rows[:-1, -1]), "rows overlap by one token"
     return np.concatenate([rows[0], *[r[1:] for r in rows[1:]]])
 

@@ -13,6 +13,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().paren
 from engram_train.memory import ShardedEngramTable, TablePrefetcher, TableLayout, bytes_per_row  # noqa: E402
 from engram_train.memory.sharding import RowSharding  # noqa: E402
 from engram_train.memory.table import init_rows  # noqa: E402
+from tests.table_steps import train_table  # noqa: E402
 
 N, D, LR = 1000, 8, 1e-2
 
@@ -25,16 +26,7 @@ def _batches(steps: int, seed: int = 0, high: int = 300):
 
 
 def _train(table: ShardedEngramTable, steps: int = 5, prefetch: bool = False) -> None:
-    prefetcher = TablePrefetcher(table) if prefetch else None
-    for ids, w in _batches(steps):
-        if prefetcher:
-            prefetcher.submit(ids)
-            rows = prefetcher.result()
-        else:
-            rows = table.lookup(ids)
-        (rows * w).sum().backward()
-        table.accumulate_grad(ids, rows.grad)
-        table.step(LR)
+    train_table(table, _batches(steps), lr=LR, prefetch=prefetch)
 
 
 def _reference(steps: int = 5, seed: int = 3):
