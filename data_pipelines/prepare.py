@@ -47,9 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(searched for .txt/.md/.rst/.jsonl[.gz]) or a glob; default: debian, falling back "
                         "to python-stdlib when no Debian doc package is installed")
     p.add_argument("--val-source", action="append", metavar="SPEC",
-                   help="validation text, repeatable; default: postgresql-doc for the default corpus, "
-                        "otherwise a held-out --val-fraction of the training documents")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out when no validation source exists")
+                   help="validation text, repeatable (e.g. postgresql-doc: another package of the same domain); "
+                        "default: a held-out --val-fraction of the training documents, the in-domain loss "
+                        "the trainer compares with the validation tokens' unigram entropy")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out when no validation source exists")
     p.add_argument("--max-mb", type=float, default=30, help="cap on training text in MB (0: all of it)")
     p.add_argument("--val-max-mb", type=float, default=2, help="cap on validation text in MB (0: all of it)")
     p.add_argument("--tokenizer", choices=("bpe", "gpt2"), default="bpe",
@@ -78,7 +79,7 @@ def resolve_sources(args: argparse.Namespace) -> tuple[list, list]:
         train = _resolve(["python-stdlib"])
     if not any(files for _, _, files in train):
         raise SystemExit(f"no files match the sources {args.source or ['debian']}; check the paths")
-    val = _resolve(args.val_source) if args.val_source else ([] if args.source else _resolve(["postgresql-doc"]))
+    val = _resolve(args.val_source) if args.val_source else []
     if args.val_source and not any(files for _, _, files in val):
         raise SystemExit(f"no files match the validation sources {args.val_source}")
     return train, [v for v in val if v[2]]

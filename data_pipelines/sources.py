@@ -4,7 +4,7 @@ A *source spec* is a string on the command line:
 
 - ``debian``: the Debian documentation packages listed in ``/work/shared/notes/data_sources.md``
   (kernel docs, perl pods, Python docs, vim help, git docs, dictionaries, fortunes);
-- ``postgresql-doc``: the PostgreSQL HTML manual (the default validation text: another package, same domain);
+- ``postgresql-doc``: the PostgreSQL HTML manual (an out-of-domain validation set: another package, same field);
 - ``python-stdlib``: ``/usr/lib/python3.*`` sources, present on every machine with Python (the fallback);
 - anything else: a folder (searched recursively for .txt/.md/.rst/.jsonl, optionally .gz) or a glob.
 

@@ -128,7 +128,7 @@ def train(cfg: Config) -> dict:
 
         model_flops = flops_per_token(cfg, dataset.vocab_size)
         checkpoint_path, preempted, val_loss = latest, False, float("nan")
-        window = MetricsWindow()
+        window, session_tokens, session_seconds = MetricsWindow(), 0, 0.0
         while state.step < plan.total_steps:
             lr, step_start = schedule(state.step), time.perf_counter()
             result = train_step(model, table, prefetcher, loader, plan, dims)
@@ -148,7 +148,9 @@ def train(cfg: Config) -> dict:
 
             state.step += 1
             state.tokens_seen += plan.tokens_per_step
-            window.add(result, plan.tokens_per_step, time.perf_counter() - step_start)
+            step_seconds = time.perf_counter() - step_start
+            window.add(result, plan.tokens_per_step, step_seconds)
+            session_tokens, session_seconds = session_tokens + plan.tokens_per_step, session_seconds + step_seconds
             is_last = state.step == plan.total_steps
             evaluate_now = state.step % x.eval_every == 0 or is_last
             if state.step % x.log_every == 0 or is_last or evaluate_now:
@@ -177,6 +179,7 @@ def train(cfg: Config) -> dict:
             "final_val_loss": val_loss,
             "val_unigram_entropy": entropy,
             "tokens_seen": state.tokens_seen,
+            "tokens_per_s": session_tokens / session_seconds if session_seconds else float("nan"),
             "steps": state.step,
             "skipped_steps": state.skipped_steps,
             "preempted": preempted,
@@ -203,7 +206,7 @@ def format_summary(summary: dict) -> str:
         "[bold green]training finished[/bold green]",
         f"  final train loss     {summary['final_train_loss']:.4f}",
         f"  final val loss       {summary['final_val_loss']:.4f}   (unigram entropy of val tokens: {summary['val_unigram_entropy']:.4f} nats)",
-        f"  tokens               {summary['tokens_seen']:,} in {summary['steps']} steps",
+        f"  tokens               {summary['tokens_seen']:,} in {summary['steps']} steps, {summary['tokens_per_s']:,.0f} tokens/s",
         f"  checkpoint           {summary['checkpoint']}",
         f"  W&B run (offline)    {summary['wandb_dir']}   (sync: wandb sync {summary['wandb_dir']})",
         f"  metrics              {summary['run_dir']}/metrics.jsonl",
