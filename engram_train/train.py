@@ -93,11 +93,13 @@ def train(cfg: Config) -> dict:
         prefetcher = TablePrefetcher(table) if table is not None and cfg.engram.prefetch == "overlap" else None
         dp_rank, dp_world = groups.data_parallel_rank, groups.data_parallel_world
         loader = build_train_loader(cfg.data, micro_batch_size=x.micro_batch_size, hasher=hasher, dp_rank=dp_rank,
-                                    dp_world=dp_world, seed=x.seed, eos_reset=cfg.engram.reset_at_doc_boundary)
+                                    dp_world=dp_world, seed=x.seed, eos_reset=cfg.engram.reset_at_doc_boundary,
+                                    dataset=dataset)
 
         def val_loader(with_hashes: bool = True):
             return build_val_loader(cfg.data, micro_batch_size=x.micro_batch_size, hasher=hasher if with_hashes else None,
-                                    dp_rank=dp_rank, dp_world=dp_world, eos_reset=cfg.engram.reset_at_doc_boundary)
+                                    dp_rank=dp_rank, dp_world=dp_world, eos_reset=cfg.engram.reset_at_doc_boundary,
+                                    dataset=dataset)
 
         # Resume from the newest complete checkpoint: model, optimizer, table, data position, RNG.
         state = TrainState()
