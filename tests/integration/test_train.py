@@ -13,7 +13,7 @@ import torch
 
 from engram_train.train import train
 
-from .conftest import REPO, TINY_OVERRIDES
+from .conftest import REPO
 
 pytestmark = pytest.mark.slow
 
