@@ -73,7 +73,10 @@ def parts_of(spec: str) -> list[Part]:
         return _PRESETS[spec]
     path = Path(spec).expanduser()
     if path.is_dir():
-        return [Part(f"{spec}:*{suffix}", str(path / "**" / f"*{suffix}{gz}")) for suffix in _TEXT_SUFFIXES for gz in ("", ".gz")]
+        # Parts are named by the folder's own name, not the path to it: the name seeds the file order,
+        # and the same corpus must give the same dataset wherever it is checked out.
+        return [Part(f"{path.resolve().name}:*{suffix}", str(path / "**" / f"*{suffix}{gz}"))
+                for suffix in _TEXT_SUFFIXES for gz in ("", ".gz")]
     return [Part(spec, str(path))]
 
 
