@@ -71,4 +71,4 @@ def test_interleave_balances_bytes_not_documents(tmp_path):
         (small / f"{i}.txt").write_text("s" * 100)
     parts = [(p, sources.list_files(p)) for spec in (str(big), str(small)) for p in sources.parts_of(spec)]
     first = [doc.source for doc, _ in zip(sources.interleave(parts, 0), range(22))]
-    assert first.count(f"{small}:*.txt") == 20 and first.count(f"{big}:*.txt") == 2
+    assert first.count("small:*.txt") == 20 and first.count("big:*.txt") == 2
