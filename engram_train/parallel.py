@@ -210,10 +210,10 @@ def finalize_grads(model: torch.nn.Module, dims: ParallelDims) -> None:
     # An expert already saw the tokens of every DP rank in its EP group (the dispatcher's all-to-all),
     # each weighted by its own rank's mean: sum over replicas of the expert, then divide by the full
     # DP size, as Megatron's DDP does (expert_gradient_scaling_factor).
-    for group_grads in (expert,):
-        if parallel_state.get_expert_data_parallel_world_size() > 1:
-            _all_reduce_coalesced(group_grads, parallel_state.get_expert_data_parallel_group())
-        for grad in group_grads:
+    if parallel_state.get_expert_data_parallel_world_size() > 1:
+        _all_reduce_coalesced(expert, parallel_state.get_expert_data_parallel_group(), scale=1.0 / dp_size)
+    else:
+        for grad in expert:
             grad.mul_(1.0 / dp_size)
 
 

@@ -156,7 +156,8 @@ def train(cfg: Config) -> dict:
             is_last = state.step == plan.total_steps
             evaluate_now = state.step % x.eval_every == 0 or is_last
             if state.step % x.log_every == 0 or is_last or evaluate_now:
-                metrics = window.flush(lr=lr, grad_norm=grad_norm, tokens=state.tokens_seen, result=result, table=table)
+                metrics = window.flush(lr=lr, grad_norm=grad_norm, tokens=state.tokens_seen, result=result, model=model,
+                                       table=table)
                 metrics["skipped_steps"] = state.skipped_steps
                 metrics.update(throughput_metrics(metrics["tokens_per_s"], flops_per_token=model_flops, world=dims.world,
                                                   peak_tflops=x.peak_tflops))

@@ -70,12 +70,12 @@ class StepPlan:
 
     def describe(self, model, table) -> str:
         counts = model.num_parameters()
-        table_params = table.num_rows * table.dim if table is not None else 0
-        return (
-            f"model: backbone {counts['backbone']:,} params, Engram blocks {counts['engram_blocks']:,}, "
-            f"Engram table {table_params:,} ({table.num_rows:,} rows)" if table is not None else
-            f"model: backbone {counts['backbone']:,} params (MoE baseline, no Engram)"
-        ) + (
+        if table is None:
+            parts = f"model: backbone {counts['backbone']:,} params (MoE baseline, no Engram)"
+        else:
+            parts = (f"model: backbone {counts['backbone']:,} params, Engram blocks {counts['engram_blocks']:,}, "
+                     f"Engram table {table.num_rows * table.dim:,} ({table.num_rows:,} rows)")
+        return parts + (
             f"\nplan: {self.total_steps} steps x {self.tokens_per_step:,} tokens "
             f"({self.accumulation} micro-batches of {self.micro_batch_size}x{self.seq_len} on {self.data_parallel_world} DP ranks)"
         )
@@ -87,7 +87,6 @@ class StepResult:
     backbone_grad_norm_sq: torch.Tensor
     table_grad_norm_sq: float
     table_wait_s: float
-    moe_stats: dict = field(default_factory=dict)
     gate_means: dict = field(default_factory=dict)
 
 
@@ -164,7 +163,6 @@ def train_step(model, table, prefetcher, loader, plan: StepPlan, dims) -> StepRe
         backbone_grad_norm_sq=backbone_grad_norm_sq(model, dims),
         table_grad_norm_sq=table.grad_norm_sq() / dims.dp**2 if table is not None else 0.0,
         table_wait_s=table_wait_s,
-        moe_stats=model.moe_load.summary(dist.group.WORLD if dist.get_world_size() > 1 else None),
         gate_means=model.gate_means(),
     )
 
@@ -208,7 +206,8 @@ class MetricsWindow:
         self.table_wait_s += result.table_wait_s
         self.step_s += seconds
 
-    def flush(self, *, lr: float, grad_norm: float, tokens: int, result: StepResult, table) -> dict:
+    def flush(self, *, lr: float, grad_norm: float, tokens: int, result: StepResult, model, table) -> dict:
+        """Collective (MoE load is summed over ranks): call on every rank, before evaluation forwards."""
         elapsed = max(self.step_s, 1e-9)
         metrics = {
             "loss": sum(self.losses) / len(self.losses),
@@ -216,7 +215,8 @@ class MetricsWindow:
             "grad_norm": grad_norm,
             "tokens": tokens,
             "tokens_per_s": self.tokens / elapsed,
-            **result.moe_stats,
+            # Routing counts of the last step only: summed over ranks here, not on every step.
+            **model.moe_load.summary(dist.group.WORLD if dist.get_world_size() > 1 else None),
             **{f"engram_gate/layer_{layer}": gate for layer, gate in result.gate_means.items()},
         }
         if table is not None:
