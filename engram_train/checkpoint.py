@@ -7,9 +7,19 @@ Layout of ``<run_dir>/checkpoints/step_00000100/``:
 - the Engram table's shard files (``ShardedEngramTable.save``; they reshard to any world size too);
 - ``rank_<r>.pt``: what is per data-parallel rank (loader position, RNG states, counters);
 - ``meta.json`` and ``COMPLETE``.
-Everything is written into ``step_<n>.partial`` first; after a barrier rank 0 writes the marker and
-renames the folder, so a crash at any moment leaves either a complete checkpoint or an ignored partial
-one. Our files load with ``weights_only=True``: they hold tensors and plain Python values only.
+Everything is written into ``step_<n>.partial`` first; once every rank's files are on disk rank 0
+writes the marker and renames the folder, so a crash at any moment leaves either a complete checkpoint
+or an ignored partial one. Our files load with ``weights_only=True``: they hold tensors and plain
+Python values only.
+
+With ``experiment.checkpoint_async=true`` the step boundary only plans the save and forks a writer
+process per rank (Megatron's ``TemporalAsyncCaller``): the fork is the consistent snapshot (the
+child sees memory as it was at the fork, copy-on-write, while the trainer goes on updating its own),
+and the child writes the backbone, the table shard and ``rank_<r>.pt``, that file last. Sealing
+(table meta, ``meta.json``, marker, rename, pruning) is collective, so it happens at a step boundary
+that every rank agrees on: ``poll()`` all-reduces "my writer has finished" each step while a save is in
+flight, as Megatron's ``AsyncCallsQueue`` does, and ``finalize()`` waits; the trainer finalizes
+before the next save, after the last step and before a preemption exit.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import random
 import re
 import shutil
 import signal
+from functools import partial as bind
 from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any
@@ -30,8 +41,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.dist_checkpointing.strategies.async_utils import (
+    AsyncCallsQueue,
+    AsyncRequest,
+)
 
 from engram_train.backbone.checkpoint import backbone_sharded_state_dict, load_backbone
+from engram_train.memory.checkpoint import FORMAT as TABLE_FORMAT
+from engram_train.memory.checkpoint import META as TABLE_META
+from engram_train.memory.checkpoint import _shard_name as table_shard_name
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -80,11 +98,17 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, *, rank: int, world: int, keep: int):
+    """Writes and finds the checkpoints of one run; ``save``, ``poll`` and ``finalize`` are collective."""
+
+    def __init__(self, run_dir: Path, *, rank: int, world: int, keep: int, async_save: bool = False):
         self.root = Path(run_dir) / "checkpoints"
         self.rank = rank
         self.world = world
         self.keep = keep
+        self.async_save = async_save
+        self._calls = AsyncCallsQueue() if async_save else None
+        #: Final folder of the save whose writers are still running (async only); identical on every rank.
+        self.in_flight: Path | None = None
 
     def step_dir(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
@@ -99,7 +123,12 @@ class Checkpointer:
         return max(complete, key=lambda d: int(_STEP_DIR.match(d.name).group(1)), default=None)
 
     def save(self, step: int, *, model, optimizer, table, rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
-        """Collective: every rank writes its part, rank 0 seals the folder. Returns the final path."""
+        """Collective: every rank writes its part, rank 0 seals the folder. Returns the final path.
+
+        Synchronous: returns once the checkpoint is complete. Async: returns as soon as the snapshot is
+        taken and the writers run; the folder is ``<final>.partial`` until ``poll``/``finalize`` seals it.
+        """
+        self.finalize()  # at most one save in flight: the previous one is sealed first
         final = self.step_dir(step)
         partial = final.with_name(final.name + ".partial")
         if self.rank == 0:
@@ -108,14 +137,58 @@ class Checkpointer:
             (partial / "backbone").mkdir(parents=True)
         _barrier()
         _shield_checkpoint_writer()
-        dist_checkpointing.save(backbone_sharded_state_dict(model, optimizer), str(partial / "backbone"))
-        if table is not None:
-            table.save(partial)
-        atomic_torch_save(rank_state, partial / f"rank_{self.rank}.pt")
-        dp_ranks = _gather_objects(rank_state["dp_rank"])
-        _barrier()
+        meta = {**meta, "step": step, "world": self.world, "dp_rank_of_rank": _gather_objects(rank_state["dp_rank"])}
+        backbone = backbone_sharded_state_dict(model, optimizer)
+        if not self.async_save:
+            dist_checkpointing.save(backbone, str(partial / "backbone"))
+            if table is not None:
+                table.save(partial)
+            atomic_torch_save(rank_state, partial / f"rank_{self.rank}.pt")
+            self._seal(partial, final, meta, table_meta=None)
+            return final
+
+        request = dist_checkpointing.save(backbone, str(partial / "backbone"), async_sharded_save=True)
+        backbone_args = list(request.async_fn_args)
+        if request.preload_fn is not None:  # GPU: copy to host now, the writer process only sees host memory
+            backbone_args[1] = request.preload_fn()
+        shard, table_meta = _table_snapshot(table) if table is not None else (None, None)
+        writer = AsyncRequest(
+            _write_rank_files,
+            (request.async_fn, backbone_args, request.async_fn_kwargs, partial, self.rank, shard, rank_state),
+            [*request.finalize_fns, bind(self._seal, partial, final, meta, table_meta)],
+        )
+        self._calls.schedule_async_request(writer)
+        self.in_flight = final
+        return final
+
+    def poll(self) -> Path | None:
+        """Collective while a save is in flight: seal it if every rank's writer has finished; the sealed path."""
+        return self._finish(blocking=False)
+
+    def finalize(self) -> Path | None:
+        """Collective: wait for the save in flight (if any) and seal it; the sealed path."""
+        return self._finish(blocking=True)
+
+    def _finish(self, *, blocking: bool) -> Path | None:
+        if self.in_flight is None:
+            return None
+        if not self._calls.maybe_finalize_async_calls(blocking=blocking):
+            return None
+        sealed, self.in_flight = self.in_flight, None
+        return sealed
+
+    def _seal(self, partial: Path, final: Path, meta: dict[str, Any], table_meta: dict[str, Any] | None) -> None:
+        """Collective: once every rank's files are on disk, rank 0 writes the marker and renames the folder."""
+        # rank_<r>.pt is each rank's last file: where one is missing that rank's writer failed.
+        if not _on_every_rank((partial / f"rank_{self.rank}.pt").exists()):
+            raise CheckpointError(
+                f"{partial}: a rank's checkpoint writer failed (see that rank's log); the folder stays partial "
+                "and is ignored on resume"
+            )
+        if table_meta is not None:  # async: the table shards are on disk, its meta may now be written
+            text = json.dumps(table_meta, indent=1, sort_keys=True).encode()
+            _atomic_write(partial / TABLE_META, lambda f: f.write(text))
         if self.rank == 0:
-            meta = {**meta, "step": step, "world": self.world, "dp_rank_of_rank": dp_ranks}
             (partial / "meta.json").write_text(json.dumps(meta, indent=2))
             (partial / MARKER).write_text("ok\n")
             if final.exists():
@@ -123,7 +196,6 @@ class Checkpointer:
             os.replace(partial, final)
             self._prune()
         _barrier()
-        return final
 
     def _prune(self) -> None:
         complete = sorted(d for d in self.root.iterdir() if _STEP_DIR.match(d.name) and (d / MARKER).exists())
@@ -147,6 +219,52 @@ class Checkpointer:
             table.load(path)
         state = torch.load(path / f"rank_{sources[0]}.pt", map_location="cpu", weights_only=True)
         return state, meta
+
+
+def _table_snapshot(table) -> tuple[tuple[str, dict[str, Any]], dict[str, Any] | None]:
+    """This rank's table shard (file name, content) and (table rank 0) the table meta, as ``memory.checkpoint.save_table`` writes them.
+
+    The rows are not copied: the writer is a forked process, which sees them as they are now.
+    """
+    table._drain()
+    touched, state = table.optim.export_state()
+    rows = {"start": table.start, "end": table.end, "rows": table.rows, "state_ids": touched + table.start, "state": state}
+    shard = (table_shard_name(table.rank, table.world), rows)
+    if table.rank != 0:
+        return shard, None
+    return shard, {
+        "format": TABLE_FORMAT,
+        "num_rows": table.num_rows,
+        "dim": table.dim,
+        "table_dtype": table.table_dtype,
+        "optimizer": table.optimizer_name,
+        "fingerprint": table.fingerprint,
+        "step": table.step_count,
+        "world": table.world,
+        "bounds": table.sharding.bounds,
+        "files": [table_shard_name(r, table.world) for r in range(table.world)],
+    }
+
+
+def _write_rank_files(backbone_fn, backbone_args, backbone_kwargs, folder: Path, rank: int, shard, rank_state) -> None:
+    """Body of the forked writer: backbone (Megatron's writer), table shard, then rank_<r>.pt, each fsynced."""
+    torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool
+    if backbone_fn is not None:
+        backbone_fn(*backbone_args, **backbone_kwargs)
+    if shard is not None:
+        name, rows = shard
+        _atomic_write(folder / name, lambda f: torch.save(rows, f))
+    atomic_torch_save(rank_state, folder / f"rank_{rank}.pt")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through ``write(file)`` to a temporary name, fsync, rename (as the table's own save does)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _ignore_stop_signals() -> None:
@@ -175,6 +293,15 @@ def _gather_objects(value: Any) -> list[Any]:
     values: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
+
+
+def _on_every_rank(flag: bool) -> bool:
+    """Collective: True only where ``flag`` holds on every rank."""
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # NCCL reduces on the GPU
+    value = torch.tensor([1 if flag else 0], dtype=torch.int, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def _barrier() -> None:

@@ -173,6 +173,10 @@ class ExperimentConfig:
     checkpoint_every: int = 0
     #: Keep the newest K checkpoints.
     keep_checkpoints: int = 2
+    #: Write checkpoints in the background: the step boundary takes a snapshot and training goes on while
+    #: forked writers save it; the checkpoint is sealed (COMPLETE) at a later step boundary, before the next
+    #: save and always before the run ends or exits for preemption.
+    checkpoint_async: bool = False
     #: Peak dense TFLOP/s of one rank's device, for the MFU estimate (0: report achieved TFLOP/s only).
     peak_tflops: float = 0.0
     #: Resume from the newest complete checkpoint in run_dir when one exists.

@@ -103,7 +103,8 @@ def train(cfg: Config) -> dict:
 
         # Resume from the newest complete checkpoint: model, optimizer, table, data position, RNG.
         state = TrainState()
-        checkpointer = Checkpointer(run_dir, rank=dims.rank, world=dims.world, keep=x.keep_checkpoints)
+        checkpointer = Checkpointer(run_dir, rank=dims.rank, world=dims.world, keep=x.keep_checkpoints,
+                                    async_save=x.checkpoint_async)
         latest = checkpointer.latest() if x.auto_resume else None
         if latest is not None:
             saved, _ = checkpointer.load(latest, model=model, optimizer=optimizer, table=table, dp_rank=dp_rank)
@@ -141,7 +142,7 @@ def train(cfg: Config) -> dict:
             elif cfg.optim.on_nonfinite == "stop":
                 raise NonFiniteLossError(
                     f"step {state.step}: loss={result.loss} grad_norm={grad_norm}; stopped without updating. Resume from "
-                    f"{checkpoint_path or 'scratch'} with a lower optim.lr, check the data, or set optim.on_nonfinite=skip"
+                    f"{checkpointer.latest() or 'scratch'} with a lower optim.lr, check the data, or set optim.on_nonfinite=skip"
                 )
             else:
                 discard_gradients(model, optimizer, table)
@@ -169,9 +170,14 @@ def train(cfg: Config) -> dict:
                     metrics.update(val_loss=val_loss, val_unigram_entropy=entropy)
                 logger.log(state.step, metrics)
                 window = MetricsWindow()
+            sealed = checkpointer.poll()  # collective while an async save is in flight
+            if sealed is not None:
+                logger.print(f"checkpoint {sealed} complete at step {state.step} (written in the background)")
             preempted = watch.should_stop()
             if preempted or is_last or (x.checkpoint_every and state.step % x.checkpoint_every == 0):
                 checkpoint_path = save_checkpoint()
+                if preempted or is_last:
+                    checkpointer.finalize()  # the run's last checkpoint is complete before it exits
             if preempted:
                 logger.print(f"[yellow]{watch.requested or 'a peer'}: checkpoint {checkpoint_path} written at step "
                              f"{state.step}; exiting with {REQUEUE_EXIT_CODE} so the job is requeued[/yellow]")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from engram_train.checkpoint import MARKER, CheckpointError, Checkpointer
 from engram_train.preemption import REQUEUE_EXIT_CODE
@@ -160,3 +161,52 @@ def test_non_finite_loss_stops_with_the_step_or_is_skipped(tiny_config, policy):
     else:
         summary = train(cfg)
         assert summary["skipped_steps"] > 0 and summary["steps"] == 6
+
+
+def _plain(value):
+    """Tensors to lists, recursively, so that == compares whole states."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _same_files(a: Path, b: Path) -> None:
+    """Two checkpoints of the same state hold the same bytes, except what names the run rather than the state:
+    the DCP ``.metadata`` (storage path, save id) and Python's unseeded ``random`` state in rank_<r>.pt."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    names = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    assert names == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+    for name in names:
+        if name == "backbone/.metadata":
+            meta_a, meta_b = (FileSystemReader(str(d / "backbone")).read_metadata() for d in (a, b))
+            assert meta_a.state_dict_metadata == meta_b.state_dict_metadata and meta_a.storage_data == meta_b.storage_data
+        elif name.startswith("rank_"):
+            state_a, state_b = (torch.load(d / name, weights_only=True) for d in (a, b))
+            state_a["rng"].pop("python"), state_b["rng"].pop("python")
+            assert _plain(state_a) == _plain(state_b), name
+        else:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_async_checkpoint_does_not_block_matches_sync_and_resumes_the_same_curve(tiny_config, tmp_path, capsys):
+    common = [f"experiment.total_tokens={4 * 1024}", "experiment.checkpoint_every=2", "experiment.log_every=1",
+              "experiment.wandb.mode=disabled"]
+    async_run, sync_run = tmp_path / "async", tmp_path / "sync"
+    train(tiny_config(*common, f"experiment.run_dir={async_run}", "experiment.checkpoint_async=true"))
+    # The step-2 save was sealed only after step 3 had trained: the step went on while the files were written.
+    assert f"checkpoint {async_run / 'checkpoints' / 'step_00000002'} complete at step 3" in capsys.readouterr().out
+
+    # Resume from the async step-2 checkpoint, saving synchronously: the same curve, and the step-4
+    # checkpoint of the same state is the same files either way.
+    (sync_run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(async_run / "checkpoints" / "step_00000002", sync_run / "checkpoints" / "step_00000002")
+    shutil.copy(async_run / "metrics.jsonl", sync_run / "metrics.jsonl")
+    summary = train(tiny_config(*common, f"experiment.run_dir={sync_run}"))
+    assert summary["steps"] == 4
+    assert _losses(sync_run) == _losses(async_run)
+    _same_files(async_run / "checkpoints" / "step_00000004", sync_run / "checkpoints" / "step_00000004")
