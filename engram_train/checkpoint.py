@@ -24,6 +24,7 @@ before the next save, after the last step and before a preemption exit.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
 import os
@@ -267,9 +268,15 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _ignore_stop_signals() -> None:
+def _init_writer_manager() -> None:
+    """Ignore the scheduler's stop signals, but die with the trainer: after a kill -9 of the trainer an
+    orphaned manager ignoring SIGTERM would otherwise live on (and spin)."""
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
 
 
 def _shield_checkpoint_writer() -> None:
@@ -283,7 +290,7 @@ def _shield_checkpoint_writer() -> None:
     """
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=_ignore_stop_signals)
+        manager.start(initializer=_init_writer_manager)
         filesystem_async._results_queue = manager.Queue()
 
 
