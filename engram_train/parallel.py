@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 from dataclasses import dataclass
 
 import torch
@@ -147,15 +148,39 @@ _PEER_FAILURE_SIGNS = ("gloo", "connection", "timed out", "timeout", "nccl", "pe
 
 
 def explain_peer_failure(error: RuntimeError, dims: ParallelDims) -> RuntimeError:
-    """Turn a backend error from a collective into a message that says what happened and what to do."""
+    """Turn a backend error from a collective into a message that names the likely dead rank and what to do."""
     text = str(error).lower()
     if dims.world == 1 or isinstance(error, PeerFailureError) or not any(s in text for s in _PEER_FAILURE_SIGNS):
         return error
+    silent = _silent_ranks(dims)
+    if silent:
+        suspects = f"rank(s) {', '.join(map(str, silent))} did not report back, so most likely died or stalled"
+    else:
+        suspects = "every rank reported back, so one most likely stalled"
     return PeerFailureError(
-        f"rank {dims.rank}/{dims.world}: a collective failed ({str(error).splitlines()[0][:200]}); another rank has "
-        f"most likely died or stalled for more than parallel.timeout_s={dims.timeout_s}s. Check the other ranks' "
-        "logs, then relaunch the same command: training resumes from the newest complete checkpoint"
+        f"rank {dims.rank}/{dims.world}: a collective failed ({str(error).splitlines()[0][:200]}); {suspects} "
+        f"(a stalled rank fails its peers after parallel.timeout_s={dims.timeout_s}s). Check those ranks' logs, then "
+        "relaunch the same command: training resumes from the newest complete checkpoint"
     )
+
+
+def _silent_ranks(dims: ParallelDims, wait_s: float = 3.0) -> list[int]:
+    """Ranks that do not check in on the rendezvous store within ``wait_s`` after a failed collective.
+
+    Every surviving rank reaches this point soon after a peer dies (its connections close), so those
+    missing are the dead or hung ones. When the store itself is gone, its host (rank 0) is the one.
+    """
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"peer_failure/{dims.rank}", "alive")
+        deadline = time.monotonic() + min(wait_s, dims.timeout_s)
+        while True:
+            silent = [r for r in range(dims.world) if not store.check([f"peer_failure/{r}"])]
+            if not silent or time.monotonic() > deadline:
+                return silent
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - the store is unreachable: its host died
+        return [0] if dims.rank != 0 else []
 
 
 def destroy_process_groups() -> None:

@@ -1,6 +1,7 @@
-"""Helpers for the launcher tests: a local SLURM's job states, and a Docker daemon with a base image.
+"""Helpers for the launcher tests: ranks started by hand, a local SLURM's job states, and a Docker daemon
+with a base image.
 
-Both start real daemons only when needed and report what they started, so a test stops exactly those.
+Daemons are started only when needed and reported, so a test stops exactly those.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +21,28 @@ REPO = Path(__file__).resolve().parents[2]
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     """Run a command and capture its text output (never raises on a non-zero exit)."""
     return subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+
+
+# ---------------------------------------------------------------- ranks without a launcher
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(cmd: list[str], *, world: int, env: dict, log_dir: Path) -> list[subprocess.Popen]:
+    """Start ``world`` copies of ``cmd`` as ranks 0..world-1 of one job, with the env torchrun would set but
+    no agent watching them (so a dead rank is noticed by its peers, not torn down for them).
+    Rank r's output goes to ``log_dir/rank_<r>.log``."""
+    port = free_port()
+    ranks = []
+    for rank in range(world):
+        rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                    "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        with open(log_dir / f"rank_{rank}.log", "w") as out:
+            ranks.append(subprocess.Popen(cmd, cwd=REPO, env=rank_env, stdout=out, stderr=subprocess.STDOUT, text=True))
+    return ranks
 
 
 # ---------------------------------------------------------------- SLURM

@@ -1,5 +1,6 @@
-"""Surviving failures: preemption signals, kill -9 of one rank, half-written checkpoints, NaN losses,
-and resuming a TP=2 checkpoint at TP=1. Each run is the real CLI (or torchrun) on a real dataset."""
+"""Surviving failures: preemption signals, kill -9 of one rank (under torchrun, and without a launcher:
+the survivor must fail fast), half-written checkpoints, NaN losses, async checkpoints, and resuming a TP=2
+checkpoint at TP=1. Each run is the real CLI (or torchrun) on a real dataset."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from engram_train.preemption import REQUEUE_EXIT_CODE
 from engram_train.train import NonFiniteLossError, train
 
 from .conftest import REPO, TINY_OVERRIDES
+from .launch_helpers import start_ranks, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -120,6 +122,72 @@ def test_kill_9_of_one_torchrun_rank_then_relaunch_resumes_exactly(tiny_dataset,
     result = _run(_torchrun(tiny_dataset, run_dir, *layout))
     assert f"resumed from {resumed_from}" in result.stdout + result.stderr
     assert _losses(run_dir) == _losses(reference)
+
+
+def test_a_dead_rank_makes_the_survivor_fail_fast_and_the_last_complete_checkpoint_resumes(tiny_dataset, tiny_config,
+                                                                                           tmp_path):
+    """No launcher to tear the job down: rank 0 itself must notice rank 1's death, within parallel.timeout_s."""
+    timeout_s, run_dir = 20, tmp_path / "run"
+    # Async saves every step: whenever rank 1 dies, a save is in flight on rank 0 and must stay partial.
+    layout = ["parallel.ep=2", "experiment.micro_batch_size=4", "experiment.checkpoint_every=1",
+              "experiment.checkpoint_async=true", f"parallel.timeout_s={timeout_s}"]
+    cmd = [sys.executable, "-m", "engram_train.train", *_args(tiny_dataset, run_dir, *layout)]
+    ranks = start_ranks(cmd, world=2, env=_env(), log_dir=tmp_path)
+    checkpoints = Checkpointer(run_dir, rank=0, world=2, keep=2)
+
+    def saving_after_a_complete_checkpoint() -> bool:
+        partial = any(d.name.endswith(".partial") for d in checkpoints.root.iterdir()) if checkpoints.root.exists() else False
+        return (partial and checkpoints.latest() is not None) or any(r.poll() is not None for r in ranks)
+
+    try:
+        wait_for(saving_after_a_complete_checkpoint, timeout_s=300, what="a save after a complete checkpoint", poll_s=0.05)
+        assert all(r.poll() is None for r in ranks), (tmp_path / "rank_0.log").read_text()[-3000:]
+        ranks[1].kill()
+        killed = time.monotonic()
+        ranks[0].wait(timeout=timeout_s + 60)
+        waited = time.monotonic() - killed
+        print(f"rank 0 exited {waited:.1f} s after rank 1 was killed")
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+    output = (tmp_path / "rank_0.log").read_text()
+    assert ranks[0].returncode not in (0, REQUEUE_EXIT_CODE), output[-3000:]
+    assert waited < timeout_s + 30, f"rank 0 took {waited:.0f} s to notice"
+    assert "PeerFailureError: rank 0/2" in output and "rank(s) 1 did not report back" in output, output[-3000:]
+    assert f"parallel.timeout_s={timeout_s}" in output
+    latest = checkpoints.latest()
+    others = [d.name for d in (run_dir / "checkpoints").iterdir() if d != latest and not (d / MARKER).exists()]
+    assert others and all(name.endswith(".partial") for name in others), others
+
+    # The checkpoint is whole: a single process loads all of it (backbone and table resharded to world 1).
+    state, meta = _load_in_one_process(tiny_config("experiment.wandb.mode=disabled"), latest)
+    assert meta["step"] == state["train"]["step"] == int(latest.name.split("_")[1]) and meta["world"] == 2
+
+
+def _load_in_one_process(cfg, path: Path) -> tuple[dict, dict]:
+    """Build the run's model, optimizer and table at world 1 and load ``path`` into them."""
+    from engram_train.backbone import build_model
+    from engram_train.data import open_dataset
+    from engram_train.optim import configure_optimizer
+    from engram_train.parallel import (
+        ParallelDims,
+        destroy_process_groups,
+        init_process_groups,
+    )
+    from engram_train.train import build_hasher, build_table
+
+    dims = ParallelDims.from_config(cfg)
+    groups = init_process_groups(dims)
+    try:
+        dataset = open_dataset(cfg.data)
+        hasher = build_hasher(cfg, dataset)
+        model = build_model(cfg, vocab_size=dataset.vocab_size, dims=dims)
+        table = build_table(cfg, hasher, groups.table)
+        checkpointer = Checkpointer(path.parent.parent, rank=0, world=1, keep=2)
+        return checkpointer.load(path, model=model, optimizer=configure_optimizer(model, cfg.optim), table=table, dp_rank=0)
+    finally:
+        destroy_process_groups()
 
 
 def test_half_written_checkpoints_are_ignored(tiny_config, tmp_path):
