@@ -129,7 +129,7 @@ def init_process_groups(dims: ParallelDims) -> ProcessGroups:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=dims.tp,
         expert_model_parallel_size=dims.ep,
-        distributed_timeout_minutes=max(1, dims.timeout_s // 60),
+        distributed_timeout_minutes=dims.timeout_s / 60,  # a float is fine (timedelta); no 1-minute floor
     )
     table_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=dims.timeout_s))
     return ProcessGroups(
