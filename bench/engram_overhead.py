@@ -2,11 +2,11 @@
 
 Both models are the tiny preset's backbone; the baseline gets a shared expert sized so that its
 activated parameters equal Engram-MoE's (the Engram blocks' projections are activated compute, the
-table is not). Steps of the two models alternate in blocks in one process, so machine noise hits
-both alike. Engram runs with the table prefetched (engram.prefetch=overlap) and, for reference,
+table is not). Single optimizer steps of the models alternate round-robin in one process and the
+ratio is of per-step medians, so bursts of machine noise hit every model alike and drop out. Engram runs with the table prefetched (engram.prefetch=overlap) and, for reference,
 without. Prints the ratios and writes bench/results/engram_overhead.json.
 
-    python bench/engram_overhead.py [--steps 20] [--repeats 3]
+    python bench/engram_overhead.py [--steps 30]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from engram_train.backbone import build_model
 from engram_train.config import Config, validate
 from engram_train.engram import NgramHasher
-from engram_train.memory import ShardedEngramTable, TablePrefetcher
+from engram_train.memory import ShardedEngramTable, TablePrefetcher, UniqueIds
 from engram_train.optim import configure_optimizer
 from engram_train.parallel import ParallelDims, destroy_process_groups, init_process_groups
 from engram_train.throughput import activated_parameters
@@ -69,23 +69,25 @@ class Runner:
         while True:
             tokens = self.generator.integers(0, VOCAB, (self.cfg.experiment.micro_batch_size, self.cfg.data.seq_len + 1))
             hashes = torch.from_numpy(self.hasher.hash_numpy(tokens[:, :-1])) if self.hasher is not None else None
-            yield {"tokens": torch.from_numpy(tokens), "hash_ids": hashes}
+            unique = UniqueIds.of(hashes) if hashes is not None else None  # as the loader's workers do
+            yield {"tokens": torch.from_numpy(tokens), "hash_ids": hashes, "hash_unique": unique}
 
-    def time_steps(self, steps: int) -> float:
-        """Seconds per optimizer step (data preparation excluded: it runs in loader workers in training)."""
-        batches = [next(self.batches()) for _ in range(steps * self.plan.accumulation)]
-        start = time.perf_counter()
-        source = iter(batches)
+    def time_steps(self, steps: int) -> list[float]:
+        """Seconds of each of ``steps`` optimizer steps (batches are made beforehand: in training,
+        hashing and batching run in loader workers)."""
+        source = iter([next(self.batches()) for _ in range(steps * self.plan.accumulation)])
+        times = []
         for _ in range(steps):
+            start = time.perf_counter()
             train_step(self.model, self.table, self.prefetcher, source, self.plan, self.dims)
             apply_update(self.model, self.optimizer, self.table, lr=1e-3, table_lr=5e-3, clip_scale=1.0, dims=self.dims)
-        return (time.perf_counter() - start) / steps
+            times.append(time.perf_counter() - start)
+        return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per timed block")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating blocks per model")
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per model")
     args = parser.parse_args()
 
     engram_cfg = tiny_config(True)
@@ -104,9 +106,9 @@ def main() -> None:
         for runner in runners.values():
             runner.time_steps(2)  # warm-up: allocator, DeepSpeed kernel load, first-touch table state
         times = {name: [] for name in runners}
-        for _ in range(args.repeats):
+        for _ in range(args.steps):
             for name, runner in runners.items():
-                times[name].append(runner.time_steps(args.steps))
+                times[name] += runner.time_steps(1)
         median = {name: statistics.median(values) for name, values in times.items()}
         result = {
             "activated_params": {

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 
-from engram_train.memory import ShardedEngramTable, TablePrefetcher, bytes_per_row  # noqa: E402
+from engram_train.memory import ShardedEngramTable, TablePrefetcher, UniqueIds, bytes_per_row  # noqa: E402
 from engram_train.memory.sparse_optim import CpuAdam, TorchAdam  # noqa: E402
 
 TOKENS = 4096  # tokens per micro-batch on one rank
@@ -103,13 +103,17 @@ def throughput(group, rank: int, num_rows: int, repeat: int) -> dict:
 
 
 def prefetch_hidden(group, rank: int, num_rows: int, repeat: int) -> dict:
-    """Training-like step: pre-Engram layers (matmuls) -> rows -> rest -> backward -> table update."""
+    """Training-like step: pre-Engram layers (matmuls) -> rows -> rest -> backward -> table update.
+
+    The ids arrive deduplicated, as from the trainer's data loader (its workers run ``UniqueIds.of``).
+    """
     table = ShardedEngramTable(num_rows, DIM, group=group, lr=LR)
     hidden = 256
     w1, w2 = torch.randn(hidden, hidden) / hidden**0.5, torch.randn(hidden, hidden) / hidden**0.5
     h0 = torch.randn(TOKENS, hidden)
     proj = torch.randn(IDS_PER_TOKEN * DIM, hidden) / 64
     batches = [engram_like_ids(num_rows, s, rank).view(TOKENS, IDS_PER_TOKEN) for s in range(4)]
+    uniques = [UniqueIds.of(ids) for ids in batches]
 
     def pre_engram_layers():
         # About one small MLP layer's work below the first Engram layer (engram.layers=[1]); sized
@@ -117,11 +121,11 @@ def prefetch_hidden(group, rank: int, num_rows: int, repeat: int) -> dict:
         return torch.nn.functional.gelu(h0 @ w1) @ w2
 
     def step(k: int, prefetcher: TablePrefetcher | None) -> None:
-        ids = batches[k % 4]
+        ids, unique = batches[k % 4].clone(), uniques[k % 4]
         if prefetcher:
-            prefetcher.submit(ids)
+            prefetcher.submit(ids, unique)
         h = pre_engram_layers()
-        rows = prefetcher.result() if prefetcher else table.lookup(ids)
+        rows = prefetcher.result() if prefetcher else table.lookup(ids, unique)
         out = h + rows.view(TOKENS, -1) @ proj
         out.square().mean().backward()
         table.accumulate_grad(ids, rows.grad)
@@ -174,18 +178,26 @@ def mem_available_bytes() -> int:
 
 
 def growth(sizes: list[int], dim: int, repeat: int) -> dict:
-    out = {}
+    """ns per looked-up id at each table size; all tables live at once and are timed round-robin,
+    so a burst of load from other jobs lands on every size alike instead of on whichever ran then."""
+    tables, batches, out = {}, {}, {}
     for num_rows in sizes:
         dtype = "float32" if mem_available_bytes() > 1.5 * num_rows * (dim * 4 + 4) else "bfloat16"
         start = time.perf_counter()
-        table = ShardedEngramTable(num_rows, dim, table_dtype=dtype, use_cpu_adam=False)
-        init_s = time.perf_counter() - start
-        batches = [engram_like_ids(num_rows, s, 0) for s in range(4)]
-        it = iter(range(10**9))
-        t = timeit(lambda: table.lookup(batches[next(it) % 4].clone()), 3 * repeat)
-        out[str(num_rows)] = {"dtype": dtype, "init_s": init_s, "ns_per_id": t / batches[0].numel() * 1e9,
-                              "bytes_per_rank": table.stats()["bytes_per_rank"]}
-        del table
+        tables[num_rows] = ShardedEngramTable(num_rows, dim, table_dtype=dtype, use_cpu_adam=False)
+        out[str(num_rows)] = {"dtype": dtype, "init_s": time.perf_counter() - start,
+                              "bytes_per_rank": tables[num_rows].stats()["bytes_per_rank"]}
+        batches[num_rows] = [engram_like_ids(num_rows, s, 0) for s in range(4)]
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for k in range(3 * repeat + 2):
+        for num_rows in sizes:
+            ids = batches[num_rows][k % 4].clone()
+            start = time.perf_counter()
+            tables[num_rows].lookup(ids)
+            if k >= 2:  # warm-up rounds
+                times[num_rows].append(time.perf_counter() - start)
+    for num_rows in sizes:
+        out[str(num_rows)]["ns_per_id"] = statistics.median(times[num_rows]) / batches[num_rows][0].numel() * 1e9
     return out
 
 

@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from engram_train.config import Config, ConfigError
+from engram_train.memory import UniqueIds
 from engram_train.parallel import backbone_grad_norm_sq, finalize_grads
 
 
@@ -98,20 +99,22 @@ class EngramLookup:
     before the forward, and ``__call__`` (reached at the first Engram layer) only waits for it.
     """
 
-    def __init__(self, table, hash_ids: torch.Tensor, tp_group, prefetcher=None, device=torch.device("cpu")):
+    def __init__(self, table, hash_ids: torch.Tensor, tp_group, prefetcher=None, device=torch.device("cpu"),
+                 unique: UniqueIds | None = None):
         self.table, self.hash_ids, self.tp_group, self.prefetcher = table, hash_ids, tp_group, prefetcher
         self.device = device
         self.is_leader = tp_group is None or dist.get_rank(tp_group) == 0
         self.own_ids = hash_ids if self.is_leader else hash_ids[:0]
+        self.unique = unique if self.is_leader else None
         self.rows: torch.Tensor | None = None
         self.wait_s = 0.0
         if prefetcher is not None:
-            prefetcher.submit(self.own_ids)
+            prefetcher.submit(self.own_ids, self.unique)
 
     def __call__(self) -> torch.Tensor:
         if self.rows is None:
             start = time.perf_counter()
-            rows = self.prefetcher.result() if self.prefetcher is not None else self.table.lookup(self.own_ids)
+            rows = self.prefetcher.result() if self.prefetcher is not None else self.table.lookup(self.own_ids, self.unique)
             if self.tp_group is not None or self.device.type != "cpu":
                 # The table lives in host RAM; the model (and the TP group's backend) may be on a GPU.
                 shape = (*self.hash_ids.shape, self.table.dim)
@@ -144,7 +147,9 @@ def train_step(model, table, prefetcher, loader, plan: StepPlan, dims) -> StepRe
         batch = next(loader)
         tokens = batch["tokens"].to(device, non_blocking=True)
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        lookup = EngramLookup(table, batch["hash_ids"], tp_group, prefetcher, device) if table is not None else None
+        lookup = None
+        if table is not None:
+            lookup = EngramLookup(table, batch["hash_ids"], tp_group, prefetcher, device, unique=batch.get("hash_unique"))
         if lookup is not None and prefetcher is None:
             lookup()  # without prefetch the lookup sits on the critical path, before the forward
         loss = model(inputs, labels, engram_rows=lookup).mean()

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from engram_train.data.manifest import PREPARE_HINT, DataError, Dataset, open_dataset
 from engram_train.data.stream import BadShard, RowStream, StreamSpec, read_shard
+from engram_train.memory.dedup import UniqueIds
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ class _WorkerBatch:
     hash_ids: np.ndarray | None
     cursor: list[int]
     skipped: list[str]
+    #: ``UniqueIds`` of ``hash_ids`` as numpy (unique, inverse): the table lookup's dedup, done here
+    #: in the worker process rather than on the trainer's critical path.
+    hash_unique: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def _batches(stream: RowStream, worker: int, batch_size: int, hasher: Any, eos: int | None) -> Iterator[_WorkerBatch]:
@@ -84,7 +88,10 @@ def _batches(stream: RowStream, worker: int, batch_size: int, hasher: Any, eos: 
         if len(rows) == batch_size:
             tokens = np.stack(rows)
             rows = []
-            yield _WorkerBatch(worker, tokens, _hash(hasher, tokens, eos), list(cursor), list(stream.skipped))
+            hash_ids = _hash(hasher, tokens, eos)
+            unique = None if hash_ids is None else UniqueIds.of(torch.from_numpy(hash_ids))
+            yield _WorkerBatch(worker, tokens, hash_ids, list(cursor), list(stream.skipped),
+                               None if unique is None else (unique.unique.numpy(), unique.inverse.numpy()))
 
 
 class _TrainStreams(IterableDataset):
@@ -102,7 +109,8 @@ class _TrainStreams(IterableDataset):
 
 
 class TrainLoader:
-    """Infinite, resumable iterator of ``{"tokens": [B, T+1], "hash_ids": [B, T, L, H] | None}``."""
+    """Infinite, resumable iterator of ``{"tokens": [B, T+1], "hash_ids": [B, T, L, H] | None,
+    "hash_unique": UniqueIds | None}``."""
 
     def __init__(self, dataset: Dataset, spec: StreamSpec, state: LoaderState, batch_size: int, num_workers: int,
                  hasher: Any, eos: int | None):
@@ -131,7 +139,8 @@ class TrainLoader:
         self.state.cursors[batch.worker] = [int(c) for c in batch.cursor]
         self.state.skipped[batch.worker] = list(batch.skipped)
         hash_ids = None if batch.hash_ids is None else torch.from_numpy(batch.hash_ids)
-        return {"tokens": torch.from_numpy(batch.tokens), "hash_ids": hash_ids}
+        unique = None if batch.hash_unique is None else UniqueIds(*(torch.from_numpy(a) for a in batch.hash_unique))
+        return {"tokens": torch.from_numpy(batch.tokens), "hash_ids": hash_ids, "hash_unique": unique}
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self.state)

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from engram_train.memory.dedup import UniqueIds
 from engram_train.memory.table import ShardedEngramTable
 
 
@@ -35,17 +36,17 @@ class TablePrefetcher:
         self._ids: torch.Tensor | None = None
         self._version = -1
 
-    def submit(self, ids: torch.Tensor) -> None:
+    def submit(self, ids: torch.Tensor, unique: UniqueIds | None = None) -> None:
         if self._future is not None:
             raise RuntimeError("TablePrefetcher.submit: the previous prefetch was never collected; call result() first")
         self.table._drain()
         self._ids, self._version = ids, self.table.version
-        self._future = self._pool.submit(self._run, ids)
+        self._future = self._pool.submit(self._run, ids, unique)
         self.table._inflight = self._future
 
-    def _run(self, ids: torch.Tensor) -> torch.Tensor:
+    def _run(self, ids: torch.Tensor, unique: UniqueIds | None) -> torch.Tensor:
         t0 = time.perf_counter()
-        rows = self.table._lookup(ids)
+        rows = self.table._lookup(ids, unique)
         self.table._stats["lookup_s"] += time.perf_counter() - t0
         return rows
 

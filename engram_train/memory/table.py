@@ -5,8 +5,9 @@ ranges over a gloo group; each rank allocates only its own rows and their optimi
 
 Forward (``lookup``): dedup ids -> bucket by owner (sorted unique ids are already grouped) ->
 all-to-all counts and ids -> owners gather rows -> all-to-all rows back -> expand with the inverse.
-Backward (``accumulate_grad``): coalesce grads per unique id -> all-to-all ids and grads to owners,
-where they wait until ``step`` runs the sparse optimizer on the touched rows. ``step`` is local: no
+Backward (``accumulate_grad``): coalesce grads per unique id -> all-to-all grads to owners (the
+lookup's routing -- counts and ids -- is reused, so this is one collective, not three), where they
+wait until ``step`` runs the sparse optimizer on the touched rows. ``step`` is local: no
 collective, so a clipped/averaged update needs only the caller's all-reduce of ``grad_norm_sq``.
 
 World size 1 is the same code; the exchange just skips the collectives (``group=None`` works
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from engram_train.memory.dedup import UniqueIds, dedup
 from engram_train.memory.exchange import RowExchange
 from engram_train.memory.sharding import RowSharding
 from engram_train.memory.sparse_optim import OPTIMIZERS, TABLE_DTYPES, build_optimizer, bytes_per_row
@@ -76,27 +78,16 @@ def init_rows(start: int, end: int, dim: int, std: float, seed: int, dtype: torc
     return out
 
 
-def dedup(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.unique(flat, return_inverse=True)``, computed as sort + unique_consecutive.
-
-    Same result, but torch.unique's CPU path is ~20x slower on the heavily repeated (Zipf-like)
-    ids that hashed n-grams produce (150 ms vs 7 ms for 64k ids, measured on torch 2.13).
-    """
-    ordered, perm = torch.sort(flat)
-    unique, inverse_sorted = torch.unique_consecutive(ordered, return_inverse=True)
-    inverse = torch.empty_like(inverse_sorted)
-    inverse[perm] = inverse_sorted
-    return unique, inverse
-
-
 @dataclass
 class _Plan:
-    """Local part of a lookup: unique ids (ascending) and where each input id lands in them."""
+    """A lookup's unique ids (ascending), where each input id lands in them, and once exchanged, its
+    routing: (send counts, recv counts, local ids of the rows peers asked us for)."""
 
     shape: torch.Size
     unique: torch.Tensor
     inverse: torch.Tensor
     error: str | None
+    route: tuple[list[int], list[int], torch.Tensor] | None = None
 
 
 class ShardedEngramTable:
@@ -158,19 +149,22 @@ class ShardedEngramTable:
         self.reset_stats()
 
     # -- forward ---------------------------------------------------------------------------------
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows for integer ``ids[...]`` as a float32 ``[..., dim]`` leaf with ``requires_grad``."""
+    def lookup(self, ids: torch.Tensor, unique: UniqueIds | None = None) -> torch.Tensor:
+        """Rows for integer ``ids[...]`` as a float32 ``[..., dim]`` leaf with ``requires_grad``.
+
+        ``unique``: ``UniqueIds.of(ids)`` when the data loader already computed it; skips the sort.
+        """
         self._drain()
         t0 = time.perf_counter()
-        out = self._lookup(ids)
+        out = self._lookup(ids, unique)
         dt = time.perf_counter() - t0
         self._stats["lookup_s"] += dt
         self._stats["wait_s"] += dt
         return out
 
-    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+    def _lookup(self, ids: torch.Tensor, unique: UniqueIds | None = None) -> torch.Tensor:
         """The lookup itself; safe on the prefetch thread (touches no pending-grad state)."""
-        plan = self._plan(ids)
+        plan = self._plan(ids, unique)
         send, recv, owned = self._route(plan)
         rows = self.rows.index_select(0, owned).float()
         got = self.exchange.send(rows, recv, send)
@@ -240,26 +234,33 @@ class ShardedEngramTable:
         self._pending, self._pending_unique = [], True
 
     # -- routing ---------------------------------------------------------------------------------
-    def _plan(self, ids: torch.Tensor) -> _Plan:
-        """Dedup + validate ``ids`` (local work only), cached per ids tensor for the backward."""
+    def _plan(self, ids: torch.Tensor, unique: UniqueIds | None = None) -> _Plan:
+        """Dedup + validate ``ids``, cached per ids tensor (and unmodified version) for the backward.
+
+        The backward reuses the cached routing instead of exchanging counts and ids again. Whether
+        it hits depends only on the sequence of calls and on the lifetime of the ids tensors, which
+        every rank runs identically, so all ranks skip (or issue) the same collectives.
+        """
         key = id(ids)
         hit = self._plans.get(key)
         if hit is not None and hit[0]() is ids and hit[1] == ids._version:
             return hit[2]
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise ValueError(f"ShardedEngramTable: ids must be an integer tensor, got {ids.dtype}")
-        flat = ids.reshape(-1).long()
+        if unique is None:
+            unique = UniqueIds.of(ids)
+        elif unique.inverse.numel() != ids.numel():
+            raise ValueError(f"lookup: unique ids were computed for {unique.inverse.numel()} ids, got {ids.numel()} ids")
         error = None
-        if flat.numel():
-            lo, hi = (int(v) for v in torch.aminmax(flat))
+        if unique.unique.numel():
+            lo, hi = int(unique.unique[0]), int(unique.unique[-1])  # ascending
             if lo < 0 or hi >= self.num_rows:
                 error = (
                     f"Engram ids out of range on table rank {self.rank}: min {lo}, max {hi}, but the table has "
                     f"{self.num_rows} rows (valid 0..{self.num_rows - 1}); the hashing config (engram.layers, "
                     "ngram_orders, heads_per_order, rows_per_head) must match the table it was built with"
                 )
-        unique, inverse = dedup(flat)
-        plan = _Plan(ids.shape, unique, inverse, error)
+        plan = _Plan(ids.shape, unique.unique, unique.inverse, error)
         if len(self._plans) >= 16:
             self._plans = {k: v for k, v in self._plans.items() if v[0]() is not None}
             if len(self._plans) >= 16:
@@ -273,6 +274,8 @@ class ShardedEngramTable:
         A rank with bad ids sends -1 counts instead of raising alone, so every rank raises together
         rather than the healthy ones hanging in the next collective.
         """
+        if plan.route is not None:
+            return plan.route
         if plan.error is None:
             send = self.sharding.counts_per_owner(plan.unique)
         else:
@@ -285,7 +288,8 @@ class ShardedEngramTable:
             raise ValueError(f"Engram ids out of range on table rank(s) {bad} (see their error); no row was updated")
         send_l, recv_l = send.tolist(), recv.tolist()
         owned = self.exchange.send(plan.unique, send_l, recv_l) - self.start
-        return send_l, recv_l, owned
+        plan.route = (send_l, recv_l, owned)
+        return plan.route
 
     def _drain(self) -> None:
         """Wait for an in-flight prefetch so collectives keep one order on every rank."""

@@ -52,8 +52,8 @@ def _dense_state(table: ShardedEngramTable, name: str) -> torch.Tensor:
     return out
 
 
-def _train(table: ShardedEngramTable, rank: int, prefetch: bool) -> None:
-    train_table(table, (_batch(step, rank) for step in range(STEPS)), lr=LR, prefetch=prefetch)
+def _train(table: ShardedEngramTable, rank: int, prefetch: bool, loader_dedup: bool = False) -> None:
+    train_table(table, (_batch(step, rank) for step in range(STEPS)), lr=LR, prefetch=prefetch, loader_dedup=loader_dedup)
 
 
 def _init(rank: int, world: int, store: str) -> dist.ProcessGroup:
@@ -66,13 +66,18 @@ def _train_worker(rank: int, world: int, store: str, use_cpu_adam: bool) -> None
     group = _init(rank, world, store)
     try:
         weight, state = _reference(world)
-        for prefetch in (False, True):
+        for prefetch, loader_dedup in ((False, False), (True, False), (True, True)):
             table = ShardedEngramTable(N, D, group=group, seed=SEED, use_cpu_adam=use_cpu_adam)
             lo, hi = table.start, table.end
             ids, _ = _batch(0, rank)
             torch.testing.assert_close(table.lookup(ids), init_rows(0, N, D, 0.02, SEED, torch.float32)[ids], rtol=0, atol=0)
             table.zero_grad()
-            _train(table, rank, prefetch)
+            count_exchanges = table.exchange.counts
+            calls = []
+            table.exchange.counts = lambda send: calls.append(1) or count_exchanges(send)
+            _train(table, rank, prefetch, loader_dedup)
+            # One routing per step: the backward reuses the lookup's counts and ids.
+            assert len(calls) == STEPS, f"{len(calls)} count exchanges in {STEPS} steps"
             torch.testing.assert_close(table.rows, weight[lo:hi], atol=1e-6, rtol=0)
             torch.testing.assert_close(_dense_state(table, "exp_avg"), state["exp_avg"][lo:hi], atol=1e-6, rtol=1e-6)
             torch.testing.assert_close(_dense_state(table, "exp_avg_sq"), state["exp_avg_sq"][lo:hi], atol=1e-6, rtol=1e-6)

@@ -172,9 +172,13 @@ def test_batch_format_and_hash_ids(tmp_path):
     assert batch["hash_ids"].dtype == torch.int64 and batch["hash_ids"].shape == (4, SEQ_LEN, 2, 3)
     expected = FakeHasher().hash_numpy(batch["tokens"][:, :-1].numpy())
     assert np.array_equal(batch["hash_ids"].numpy(), expected), "hash ids are of tokens[:, :-1], without EOS reset"
+    # The table lookup's dedup, done in the worker: sorted distinct ids and each id's index among them.
+    unique, inverse = torch.unique(batch["hash_ids"].flatten(), return_inverse=True)
+    assert torch.equal(batch["hash_unique"].unique, unique) and torch.equal(batch["hash_unique"].inverse, inverse)
     reset = next(loader(root, hasher=FakeHasher(), batch=4, eos_reset=True))
     assert np.array_equal(reset["hash_ids"].numpy(), FakeHasher().hash_numpy(reset["tokens"][:, :-1].numpy(), doc_boundary_token=EOS))
-    assert next(loader(root, hasher=None))["hash_ids"] is None
+    unhashed = next(loader(root, hasher=None))
+    assert unhashed["hash_ids"] is None and unhashed["hash_unique"] is None
 
 
 def test_changing_world_size_or_workers_on_resume_is_refused(tmp_path):

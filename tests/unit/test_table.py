@@ -10,7 +10,7 @@ import torch
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"))
 
-from engram_train.memory import ShardedEngramTable, TablePrefetcher, TableLayout, bytes_per_row  # noqa: E402
+from engram_train.memory import ShardedEngramTable, TablePrefetcher, TableLayout, UniqueIds, bytes_per_row  # noqa: E402
 from engram_train.memory.sharding import RowSharding  # noqa: E402
 from engram_train.memory.table import init_rows  # noqa: E402
 from tests.table_steps import train_table  # noqa: E402
@@ -168,3 +168,16 @@ def test_stats_report_wait_and_unique_ratio():
     stats = table.stats()
     assert stats["unique_ratio"] == 0.5 and stats["lookups"] == 1 and stats["wait_s"] > 0
     assert stats["bytes_per_rank"] >= N * D * 4 and table.stats()["lookups"] == 0
+
+
+def test_loader_dedup_matches_table_dedup_and_is_checked():
+    ids = torch.randint(0, 50, (4, 7, 3), generator=torch.Generator().manual_seed(1))
+    unique = UniqueIds.of(ids)
+    expected_unique, expected_inverse = torch.unique(ids.flatten(), return_inverse=True)
+    assert torch.equal(unique.unique, expected_unique) and torch.equal(unique.inverse, expected_inverse)
+    table = ShardedEngramTable(60, 4, use_cpu_adam=False)
+    assert torch.equal(table.lookup(ids, unique), table.lookup(ids.clone()))
+    with pytest.raises(ValueError, match="unique ids were computed for 84 ids, got 3"):
+        table.lookup(torch.tensor([1, 2, 3]), unique)
+    with pytest.raises(ValueError, match="out of range"):
+        table.lookup(torch.tensor([1, 60]), UniqueIds.of(torch.tensor([1, 60])))
