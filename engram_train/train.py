@@ -119,6 +119,10 @@ def train(cfg: Config) -> dict:
                 meta={"tokens_seen": state.tokens_seen, "engram": hasher.config_fingerprint() if hasher else None},
             )
 
+        def report_sealed(sealed: Path | None) -> None:
+            if sealed is not None:
+                logger.print(f"checkpoint {sealed} complete at step {state.step} (written in the background)")
+
         logger = MetricsLogger(run_dir, config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
                                wandb_mode=x.wandb.mode, project=x.wandb.project, entity=x.wandb.entity, name=x.name,
                                enabled=dims.is_main, resume_step=state.step)
@@ -170,14 +174,13 @@ def train(cfg: Config) -> dict:
                     metrics.update(val_loss=val_loss, val_unigram_entropy=entropy)
                 logger.log(state.step, metrics)
                 window = MetricsWindow()
-            sealed = checkpointer.poll()  # collective while an async save is in flight
-            if sealed is not None:
-                logger.print(f"checkpoint {sealed} complete at step {state.step} (written in the background)")
+            report_sealed(checkpointer.poll())  # collective while an async save is in flight
             preempted = watch.should_stop()
             if preempted or is_last or (x.checkpoint_every and state.step % x.checkpoint_every == 0):
+                report_sealed(checkpointer.finalize())  # at most one save in flight
                 checkpoint_path = save_checkpoint()
                 if preempted or is_last:
-                    checkpointer.finalize()  # the run's last checkpoint is complete before it exits
+                    report_sealed(checkpointer.finalize())  # the run's last checkpoint is complete before it exits
             if preempted:
                 logger.print(f"[yellow]{watch.requested or 'a peer'}: checkpoint {checkpoint_path} written at step "
                              f"{state.step}; exiting with {REQUEUE_EXIT_CODE} so the job is requeued[/yellow]")
