@@ -128,6 +128,9 @@ class EngramLookup:
 
     def push_gradients(self) -> None:
         """Collective over the table group: TP-sum the rows' gradient, the leader sends it to the owners."""
+        start = time.perf_counter()
+        self.table._drain()  # the next micro-batch's prefetch, if still running, issues its collectives first
+        self.wait_s += time.perf_counter() - start
         grad = self.rows.grad
         if self.tp_group is not None:
             dist.all_reduce(grad, group=self.tp_group)
@@ -143,21 +146,32 @@ def train_step(model, table, prefetcher, loader, plan: StepPlan, dims) -> StepRe
     tp_group = parallel_state.get_tensor_model_parallel_group() if dims.tp > 1 else None
     device = next(model.parameters()).device
     losses, table_wait_s = [], 0.0
-    for _ in range(plan.accumulation):
-        batch = next(loader)
+
+    def start(batch) -> EngramLookup | None:
+        if table is None:
+            return None
+        return EngramLookup(table, batch["hash_ids"], tp_group, prefetcher, device, unique=batch.get("hash_unique"))
+
+    batch = next(loader)
+    lookup = start(batch)
+    for micro in range(plan.accumulation):
         tokens = batch["tokens"].to(device, non_blocking=True)
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        lookup = None
-        if table is not None:
-            lookup = EngramLookup(table, batch["hash_ids"], tp_group, prefetcher, device, unique=batch.get("hash_unique"))
         if lookup is not None and prefetcher is None:
             lookup()  # without prefetch the lookup sits on the critical path, before the forward
         loss = model(inputs, labels, engram_rows=lookup).mean()
+        if micro + 1 < plan.accumulation:
+            # The rows do not change until the optimizer step, so the next micro-batch's lookup
+            # (prefetched) overlaps this one's backward.
+            batch = next(loader)
+            next_lookup = start(batch)
         (loss / plan.accumulation).backward()
         if lookup is not None:
             lookup.push_gradients()
             table_wait_s += lookup.wait_s
         losses.append(loss.detach())
+        if micro + 1 < plan.accumulation:
+            lookup = next_lookup
     finalize_grads(model, dims)
     loss = torch.stack(losses).mean()
     if dims.dp > 1:

@@ -30,11 +30,11 @@ def _global_batches():
         yield torch.stack([base[(s + torch.arange(SEQ + 1)) % 64] for s in starts])
 
 
-def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float):
+def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetch: bool = False):
     from engram_train.backbone import build_model
     from engram_train.config import Config, validate
     from engram_train.engram import NgramHasher
-    from engram_train.memory import ShardedEngramTable
+    from engram_train.memory import ShardedEngramTable, TablePrefetcher, UniqueIds
     from engram_train.optim import clip_coefficient, configure_optimizer, global_grad_norm
     from engram_train.parallel import ParallelDims, destroy_process_groups, init_process_groups
     from engram_train.train_step import StepPlan, train_step
@@ -61,17 +61,19 @@ def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float):
         optimizer = configure_optimizer(model, cfg.optim)
         table = ShardedEngramTable(hasher.num_rows, cfg.engram.head_dim, group=groups.table, lr=LR * 5,
                                    betas=(0.9, 0.95), seed=0, use_cpu_adam=False)
+        prefetcher = TablePrefetcher(table) if prefetch else None
         plan = StepPlan.from_config(cfg, data_parallel_world=groups.data_parallel_world)
         dp_rank, local = groups.data_parallel_rank, cfg.experiment.micro_batch_size
 
         def loader():
             for batch in _global_batches():
                 mine = batch[dp_rank * local:(dp_rank + 1) * local]
-                yield {"tokens": mine, "hash_ids": torch.from_numpy(hasher.hash_numpy(mine[:, :-1].numpy()))}
+                hash_ids = torch.from_numpy(hasher.hash_numpy(mine[:, :-1].numpy()))
+                yield {"tokens": mine, "hash_ids": hash_ids, "hash_unique": UniqueIds.of(hash_ids) if prefetch else None}
 
         batches, losses = loader(), []
         for _ in range(STEPS):
-            result = train_step(model, table, None, batches, plan, dims)
+            result = train_step(model, table, prefetcher, batches, plan, dims)
             norm = global_grad_norm(result.backbone_grad_norm_sq, result.table_grad_norm_sq, table_group=groups.table)
             scale = clip_coefficient(norm, 1.0)
             for p in model.parameters():
@@ -81,6 +83,8 @@ def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float):
             optimizer.zero_grad(set_to_none=True)
             table.step(LR * 5, grad_scale=scale / dims.dp)
             losses.append((result.loss, norm))
+        if prefetcher is not None:
+            prefetcher.close()
         return torch.tensor(losses, dtype=torch.float64)
     finally:
         destroy_process_groups()
@@ -96,11 +100,15 @@ def _reference(aux_loss_coeff: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "world, tp, ep, aux_loss_coeff", [(2, 2, 1, 0.01), (2, 1, 2, 0.0), (4, 2, 2, 0.0)], ids=["tp2", "ep2", "tp2-ep2"]
+    "world, tp, ep, aux_loss_coeff, prefetch",
+    # With prefetch, table lookups run on a background thread (the next micro-batch's during this
+    # one's backward, whose TP/EP collectives run meanwhile) with ids deduplicated as the loader does.
+    [(2, 2, 1, 0.01, False), (2, 1, 2, 0.0, True), (4, 2, 2, 0.0, True)],
+    ids=["tp2", "ep2-prefetch", "tp2-ep2-prefetch"],
 )
-def test_losses_match_single_process(world, tp, ep, aux_loss_coeff):
+def test_losses_match_single_process(world, tp, ep, aux_loss_coeff, prefetch):
     reference = _reference(aux_loss_coeff)
-    results = run_ranks(world, _run, tp, ep, aux_loss_coeff)
+    results = run_ranks(world, _run, tp, ep, aux_loss_coeff, prefetch)
     for rank, result in enumerate(results):
         np.testing.assert_allclose(result[:, 0], reference[:, 0], rtol=0, atol=1e-5, err_msg=f"loss, rank {rank}")
         np.testing.assert_allclose(result[:, 1], reference[:, 1], rtol=1e-4, err_msg=f"grad norm, rank {rank}")

@@ -24,13 +24,22 @@ GOLDEN = REPO / "tests" / "assets" / "losses" / "tiny_engram_moe.json"
 STEPS = 20
 
 
-def test_golden_loss_curve(tiny_config):
+@pytest.mark.parametrize(
+    "prefetch,workers",
+    [
+        ("none", 0),
+        # Same curve when the lookups are prefetched (the next micro-batch's during this one's backward)
+        # and the ids are deduplicated in a loader worker process: no stale rows, same batches.
+        ("overlap", 1),
+    ],
+)
+def test_golden_loss_curve(tiny_config, prefetch, workers):
     cfg = tiny_config(f"experiment.total_tokens={STEPS * 1024}", "experiment.log_every=1", "experiment.eval_every=1000",
-                      "experiment.wandb.mode=disabled")
+                      "experiment.wandb.mode=disabled", f"engram.prefetch={prefetch}", f"data.num_workers={workers}")
     train(cfg)
     losses = [m["loss"] for m in read_metrics(cfg.experiment.run_dir) if "loss" in m]
     assert len(losses) == STEPS
-    if os.environ.get("UPDATE_GOLDEN") == "1":
+    if os.environ.get("UPDATE_GOLDEN") == "1" and prefetch == "none":
         GOLDEN.write_text(json.dumps({"config": "tests/integration/conftest.py TINY_OVERRIDES", "losses": losses}, indent=1))
         pytest.skip("golden curve rewritten")
     expected = json.loads(GOLDEN.read_text())["losses"]
