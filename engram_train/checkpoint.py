@@ -48,9 +48,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import (
 )
 
 from engram_train.backbone.checkpoint import backbone_sharded_state_dict, load_backbone
-from engram_train.memory.checkpoint import FORMAT as TABLE_FORMAT
-from engram_train.memory.checkpoint import META as TABLE_META
-from engram_train.memory.checkpoint import _shard_name as table_shard_name
+from engram_train.memory import checkpoint as table_files
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -91,11 +89,7 @@ def _to_plain(value: Any) -> Any:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    table_files.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 class Checkpointer:
@@ -187,8 +181,7 @@ class Checkpointer:
                 "and is ignored on resume"
             )
         if table_meta is not None:  # async: the table shards are on disk, its meta may now be written
-            text = json.dumps(table_meta, indent=1, sort_keys=True).encode()
-            _atomic_write(partial / TABLE_META, lambda f: f.write(text))
+            table_files.write_table_meta(table_meta, partial)
         if self.rank == 0:
             (partial / "meta.json").write_text(json.dumps(meta, indent=2))
             (partial / MARKER).write_text("ok\n")
@@ -223,28 +216,12 @@ class Checkpointer:
 
 
 def _table_snapshot(table) -> tuple[tuple[str, dict[str, Any]], dict[str, Any] | None]:
-    """This rank's table shard (file name, content) and (table rank 0) the table meta, as ``memory.checkpoint.save_table`` writes them.
+    """This rank's table shard (file name, content) and (table rank 0) the table meta.
 
     The rows are not copied: the writer is a forked process, which sees them as they are now.
     """
     table._drain()
-    touched, state = table.optim.export_state()
-    rows = {"start": table.start, "end": table.end, "rows": table.rows, "state_ids": touched + table.start, "state": state}
-    shard = (table_shard_name(table.rank, table.world), rows)
-    if table.rank != 0:
-        return shard, None
-    return shard, {
-        "format": TABLE_FORMAT,
-        "num_rows": table.num_rows,
-        "dim": table.dim,
-        "table_dtype": table.table_dtype,
-        "optimizer": table.optimizer_name,
-        "fingerprint": table.fingerprint,
-        "step": table.step_count,
-        "world": table.world,
-        "bounds": table.sharding.bounds,
-        "files": [table_shard_name(r, table.world) for r in range(table.world)],
-    }
+    return table_files.table_shard(table), table_files.table_meta(table) if table.rank == 0 else None
 
 
 def _write_rank_files(backbone_fn, backbone_args, backbone_kwargs, folder: Path, rank: int, shard, rank_state) -> None:
@@ -254,18 +231,8 @@ def _write_rank_files(backbone_fn, backbone_args, backbone_kwargs, folder: Path,
         backbone_fn(*backbone_args, **backbone_kwargs)
     if shard is not None:
         name, rows = shard
-        _atomic_write(folder / name, lambda f: torch.save(rows, f))
+        atomic_torch_save(rows, folder / name)
     atomic_torch_save(rank_state, folder / f"rank_{rank}.pt")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(file)`` to a temporary name, fsync, rename (as the table's own save does)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _init_writer_manager() -> None:

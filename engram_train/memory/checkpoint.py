@@ -31,13 +31,50 @@ def _shard_name(rank: int, world: int) -> str:
     return f"table-shard-{rank:05d}-of-{world:05d}.pt"
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Write through ``write(file)`` to a temporary name, fsync, rename."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def table_shard(table: ShardedEngramTable) -> tuple[str, dict]:
+    """This rank's shard file name and content: rows, and optimizer rows of touched rows only.
+
+    The content holds the live tensors (no copy); an asynchronous writer must snapshot them.
+    """
+    touched, state = table.optim.export_state()
+    shard = {
+        "start": table.start,
+        "end": table.end,
+        "rows": table.rows,
+        "state_ids": touched + table.start,  # global ids, so any later range can pick its own
+        "state": state,
+    }
+    return _shard_name(table.rank, table.world), shard
+
+
+def table_meta(table: ShardedEngramTable) -> dict:
+    """What ``table-meta.json`` records; identical on every rank."""
+    return {
+        "format": FORMAT,
+        "num_rows": table.num_rows,
+        "dim": table.dim,
+        "table_dtype": table.table_dtype,
+        "optimizer": table.optimizer_name,
+        "fingerprint": table.fingerprint,
+        "step": table.step_count,
+        "world": table.world,
+        "bounds": table.sharding.bounds,
+        "files": [_shard_name(r, table.world) for r in range(table.world)],
+    }
+
+
+def write_table_meta(meta: dict, root: Path) -> None:
+    atomic_write(root / META, lambda f: f.write(json.dumps(meta, indent=1, sort_keys=True).encode()))
 
 
 def save_table(table: ShardedEngramTable, path: str | os.PathLike) -> None:
@@ -47,30 +84,11 @@ def save_table(table: ShardedEngramTable, path: str | os.PathLike) -> None:
     if table.rank == 0:
         (root / META).unlink(missing_ok=True)
     table.exchange.barrier()
-    touched, state = table.optim.export_state()
-    shard = {
-        "start": table.start,
-        "end": table.end,
-        "rows": table.rows,
-        "state_ids": touched + table.start,  # global ids, so any later range can pick its own
-        "state": state,
-    }
-    _atomic_write(root / _shard_name(table.rank, table.world), lambda f: torch.save(shard, f))
+    name, shard = table_shard(table)
+    atomic_write(root / name, lambda f: torch.save(shard, f))
     table.exchange.barrier()
     if table.rank == 0:
-        meta = {
-            "format": FORMAT,
-            "num_rows": table.num_rows,
-            "dim": table.dim,
-            "table_dtype": table.table_dtype,
-            "optimizer": table.optimizer_name,
-            "fingerprint": table.fingerprint,
-            "step": table.step_count,
-            "world": table.world,
-            "bounds": table.sharding.bounds,
-            "files": [_shard_name(r, table.world) for r in range(table.world)],
-        }
-        _atomic_write(root / META, lambda f: f.write(json.dumps(meta, indent=1, sort_keys=True).encode()))
+        write_table_meta(table_meta(table), root)
     table.exchange.barrier()
 
 
