@@ -22,6 +22,15 @@ from engram_train.memory.dedup import UniqueIds
 from engram_train.memory.table import ShardedEngramTable
 
 
+def _one_thread() -> None:
+    """The prefetch thread's own kernels run single-threaded (the setting is per calling thread).
+
+    Otherwise each of its gathers would start a full OpenMP team next to the compute's, and on a CPU
+    whose cores the compute already occupies, a preempted OpenMP worker stalls a whole parallel region.
+    """
+    torch.set_num_threads(1)
+
+
 class TablePrefetcher:
     """``submit(ids)`` starts a lookup in the background; ``result()`` returns its rows.
 
@@ -31,7 +40,7 @@ class TablePrefetcher:
 
     def __init__(self, table: ShardedEngramTable):
         self.table = table
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch", initializer=_one_thread)
         self._future = None
         self._ids: torch.Tensor | None = None
         self._version = -1
