@@ -208,9 +208,59 @@ def test_half_written_checkpoints_are_ignored(tiny_config, tmp_path):
         checkpointer.load(root / "missing", model=None, optimizer=None, table=None, dp_rank=0)
 
 
-def test_tp2_checkpoint_resumes_at_tp1_with_the_same_losses(tiny_dataset, tmp_path):
+def _global_tensors(backbone: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP checkpoint at its global shape, read without a process group."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(str(backbone))
+    tensors = {key: torch.empty(item.size, dtype=item.properties.dtype)
+               for key, item in reader.read_metadata().state_dict_metadata.items() if isinstance(item, TensorStorageMetadata)}
+    load(tensors, storage_reader=FileSystemReader(str(backbone)), no_dist=True)
+    return tensors
+
+
+def _resave_at_world_one(cfg, source: Path, target_run: Path) -> Path:
+    """Load a checkpoint into a one-process model, optimizer and table, and save that state again."""
+    from engram_train.backbone import build_model
+    from engram_train.data import open_dataset
+    from engram_train.optim import configure_optimizer
+    from engram_train.parallel import ParallelDims, destroy_process_groups, init_process_groups
+    from engram_train.train import build_hasher, build_table
+
+    groups = init_process_groups(ParallelDims.from_config(cfg))
+    try:
+        dataset = open_dataset(cfg.data)
+        hasher = build_hasher(cfg, dataset)
+        model = build_model(cfg, vocab_size=dataset.vocab_size, dims=ParallelDims.from_config(cfg))
+        optimizer = configure_optimizer(model, cfg.optim)
+        table = build_table(cfg, hasher, groups.table)
+        checkpointer = Checkpointer(target_run, rank=0, world=1, keep=1)
+        state, meta = checkpointer.load(source, model=model, optimizer=optimizer, table=table, dp_rank=0)
+        step = int(source.name.removeprefix("step_"))
+        return checkpointer.save(step, model=model, optimizer=optimizer, table=table, rank_state=state, meta=meta)
+    finally:
+        destroy_process_groups()
+
+
+def test_tp2_checkpoint_resumes_at_tp1_with_the_same_losses(tiny_dataset, tiny_config, tmp_path):
     tp_run = tmp_path / "tp2"
     _run(_torchrun(tiny_dataset, tp_run, "parallel.tp=2", "experiment.checkpoint_every=5"))
+    # Round trip: loaded at TP=1 and saved again, every global tensor (each expert's TP shards joined, norms,
+    # Engram blocks, AdamW moments) and every table row and optimizer row comes back bit for bit.
+    written = tp_run / "checkpoints" / "step_00000005"
+    resaved = _resave_at_world_one(tiny_config(), written, tmp_path / "resaved")
+    before, after = _global_tensors(written / "backbone"), _global_tensors(resaved / "backbone")
+    assert before.keys() == after.keys() and any(".experts." in key for key in before)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    shards = [torch.load(written / f"table-shard-{r:05d}-of-00002.pt", weights_only=True) for r in range(2)]
+    whole = torch.load(resaved / "table-shard-00000-of-00001.pt", weights_only=True)
+    assert torch.equal(whole["rows"], torch.cat([s["rows"] for s in shards]))
+    assert torch.equal(whole["state_ids"], torch.cat([s["state_ids"] for s in shards]))
+    for name in whole["state"]:
+        assert torch.equal(whole["state"][name], torch.cat([s["state"][name] for s in shards])), name
+
     single = tmp_path / "tp1"
     (single / "checkpoints").mkdir(parents=True)
     shutil.copytree(tp_run / "checkpoints" / "step_00000005", single / "checkpoints" / "step_00000005")
