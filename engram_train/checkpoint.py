@@ -24,6 +24,7 @@ before the next save, after the last step and before a preemption exit.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import multiprocessing
@@ -135,14 +136,16 @@ class Checkpointer:
         meta = {**meta, "step": step, "world": self.world, "dp_rank_of_rank": _gather_objects(rank_state["dp_rank"])}
         backbone = backbone_sharded_state_dict(model, optimizer)
         if not self.async_save:
-            dist_checkpointing.save(backbone, str(partial / "backbone"))
+            with _forked_writers_die_with_trainer():
+                dist_checkpointing.save(backbone, str(partial / "backbone"))
             if table is not None:
                 table.save(partial)
             atomic_torch_save(rank_state, partial / f"rank_{self.rank}.pt")
             self._seal(partial, final, meta, table_meta=None)
             return final
 
-        request = dist_checkpointing.save(backbone, str(partial / "backbone"), async_sharded_save=True)
+        with _forked_writers_die_with_trainer():
+            request = dist_checkpointing.save(backbone, str(partial / "backbone"), async_sharded_save=True)
         backbone_args = list(request.async_fn_args)
         if request.preload_fn is not None:  # GPU: copy to host now, the writer process only sees host memory
             backbone_args[1] = request.preload_fn()
@@ -152,7 +155,8 @@ class Checkpointer:
             (request.async_fn, backbone_args, request.async_fn_kwargs, partial, self.rank, shard, rank_state),
             [*request.finalize_fns, bind(self._seal, partial, final, meta, table_meta)],
         )
-        self._calls.schedule_async_request(writer)
+        with _forked_writers_die_with_trainer():
+            self._calls.schedule_async_request(writer)
         self.in_flight = final
         return final
 
@@ -235,15 +239,45 @@ def _write_rank_files(backbone_fn, backbone_args, backbone_kwargs, folder: Path,
     atomic_torch_save(rank_state, folder / f"rank_{rank}.pt")
 
 
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+
+
 def _init_writer_manager() -> None:
     """Ignore the scheduler's stop signals, but die with the trainer: after a kill -9 of the trainer an
     orphaned manager ignoring SIGTERM would otherwise live on (and spin)."""
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent()
+
+
+_forking_writers = False
+
+
+def _after_fork_in_child() -> None:
+    if _forking_writers:
+        _die_with_parent()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@contextlib.contextmanager
+def _forked_writers_die_with_trainer():
+    """Processes forked meanwhile (Megatron's per-file writers, our async writer) die with the trainer.
+
+    Killed mid-save (kill -9, a node failure), a trainer otherwise leaves its writers behind for good,
+    blocked on the lock of a queue whose other end is gone.
+    """
+    global _forking_writers
+    _forking_writers = True
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        pass
+        yield
+    finally:
+        _forking_writers = False
 
 
 def _shield_checkpoint_writer() -> None:

@@ -82,6 +82,24 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def _descendants(pid: int) -> list[int]:
+    children = _children(pid)
+    return children + [d for child in children for d in _descendants(child)]
+
+
+def _alive(pids: list[int]) -> list[str]:
+    """The pids that still run (zombies excluded), with their command lines."""
+    alive = []
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if status != "Z":
+                alive.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_text().replace(chr(0), ' ')[:200]}")
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            pass
+    return alive
+
+
 def test_sigterm_checkpoints_exits_for_requeue_and_resume_continues_the_same_curve(tiny_dataset, tmp_path):
     reference = tmp_path / "reference"
     _run(_single(tiny_dataset, reference))
@@ -143,6 +161,7 @@ def test_a_dead_rank_makes_the_survivor_fail_fast_and_the_last_complete_checkpoi
     try:
         wait_for(saving_after_a_complete_checkpoint, timeout_s=300, what="a save after a complete checkpoint", poll_s=0.05)
         assert all(r.poll() is None for r in ranks), (tmp_path / "rank_0.log").read_text()[-3000:]
+        helpers = [d for r in ranks for d in _descendants(r.pid)]  # checkpoint writers, their queue's manager
         ranks[1].kill()
         killed = time.monotonic()
         ranks[0].wait(timeout=timeout_s + 60)
@@ -157,6 +176,9 @@ def test_a_dead_rank_makes_the_survivor_fail_fast_and_the_last_complete_checkpoi
     assert waited < timeout_s + 30, f"rank 0 took {waited:.0f} s to notice"
     assert "PeerFailureError: rank 0/2" in output and "rank(s) 1 did not report back" in output, output[-3000:]
     assert f"parallel.timeout_s={timeout_s}" in output
+    # Nothing the ranks started outlives them (a writer killed mid-save would otherwise block forever).
+    wait_for(lambda: not _alive(helpers), timeout_s=15, what=f"the ranks' helper processes to exit: {_alive(helpers)}",
+             poll_s=0.2)
     latest = checkpoints.latest()
     others = [d.name for d in (run_dir / "checkpoints").iterdir() if d != latest and not (d / MARKER).exists()]
     assert others and all(name.endswith(".partial") for name in others), others
@@ -332,3 +354,40 @@ def test_async_checkpoint_does_not_block_matches_sync_and_resumes_the_same_curve
     assert summary["steps"] == 4
     assert _losses(sync_run) == _losses(async_run)
     _same_files(async_run / "checkpoints" / "step_00000004", sync_run / "checkpoints" / "step_00000004")
+
+
+_FORKING_TRAINER = """
+import multiprocessing, sys, time
+from engram_train import checkpoint
+context = multiprocessing.get_context("fork")
+if sys.argv[1] == "saving":
+    with checkpoint._forked_writers_die_with_trainer():
+        writer = context.Process(target=time.sleep, args=(600,))
+        writer.start()
+else:
+    writer = context.Process(target=time.sleep, args=(600,))
+    writer.start()
+print(writer.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("when", ["saving", "not_saving"])
+def test_writers_forked_while_saving_die_with_a_killed_trainer(when):
+    """Megatron forks per-file writers (and the async save forks ours); a trainer killed mid-save must not leave
+    them behind. Processes forked outside a save are untouched."""
+    trainer = subprocess.Popen([sys.executable, "-c", _FORKING_TRAINER, when], cwd=REPO, env=_env(),
+                               stdout=subprocess.PIPE, text=True)
+    writer = int(trainer.stdout.readline())
+    try:
+        assert _alive([writer])
+        trainer.kill()
+        trainer.wait(timeout=30)
+        if when == "saving":
+            wait_for(lambda: not _alive([writer]), timeout_s=10, what="the writer to die with its trainer", poll_s=0.1)
+        else:
+            time.sleep(1)
+            assert _alive([writer]), "only processes forked during a save are tied to the trainer"
+    finally:
+        if _alive([writer]):
+            os.kill(writer, signal.SIGKILL)
