@@ -1,11 +1,15 @@
 """launch/slurm.sbatch on a real one-node SLURM (launch/local_slurm.sh): jobs complete, checkpoint, and a
-job signalled before its time limit requeues itself and resumes from its newest checkpoint."""
+job signalled before its time limit requeues itself and resumes from its newest checkpoint. The Hydra
+submitit launcher (hydra/launcher=submitit_slurm) runs a real 2-job sweep on it."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,7 +57,7 @@ def slurm(tmp_path_factory):
         assert stopped.returncode == 0, stopped.stderr
 
 
-def _overrides(dataset: Path, run_dir: Path, steps: int) -> list[str]:
+def _overrides(dataset: Path, run_dir: Path | str, steps: int) -> list[str]:
     return [
         *TINY_OVERRIDES,
         f"data.path={dataset}",
@@ -139,6 +143,42 @@ def test_torchrun_per_node_job_completes(slurm, tiny_dataset, tmp_path):
     text = log.read_text()
     assert "--rdzv-backend c10d" in text and "--nnodes 1" in text
     _assert_trained(run_dir, steps)
+
+
+@pytest.mark.slow
+def test_submitit_multirun_jobs_complete(slurm, tiny_dataset, tmp_path):
+    """`-m hydra/launcher=submitit_slurm` for real: a 2-job sweep (engram.heads_per_order=2,4) becomes a SLURM
+    array of two 1-task allocations; each job completes and trains in its own run dir."""
+    steps, sweep, name = 5, tmp_path / "sweep", "engram-submitit-test"
+    overrides = [o for o in _overrides(tiny_dataset, "${hydra:sweep.dir}/${hydra:sweep.subdir}", steps)
+                 if not o.startswith("engram.heads_per_order=")]
+    cmd = [sys.executable, "-m", "engram_train.train", "-m", "hydra/launcher=submitit_slurm",
+           "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
+           f"hydra.launcher.name={name}", f"hydra.sweep.dir={sweep}", *overrides, "engram.heads_per_order=2,4"]
+    try:
+        result = run(cmd, env=slurm, cwd=REPO, timeout=240)
+        assert result.returncode == 0, f"multirun failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        # submitit's folder per array task: .submitit/<array id>_<task index>
+        jobs = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
+        assert [j.split("_")[1] for j in jobs] == ["0", "1"], jobs
+        for job in jobs:
+            # the result pickle (what the launcher waits for) is written just before the task exits
+            def ended(job=job):
+                fields = job_fields(job, slurm)
+                return fields if fields.get("JobState") not in {"PENDING", "RUNNING", "COMPLETING"} else None
+
+            fields = wait_for(ended, timeout_s=60, what=f"job {job} ending", poll_s=0.5)
+            assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", fields
+            assert fields["JobName"] == name and fields["NumTasks"] == "1"
+        for num, heads in enumerate([2, 4]):
+            run_dir = sweep / str(num)
+            assert f"heads_per_order: {heads}" in (run_dir / "config.yaml").read_text()
+            final = run_dir / "checkpoints" / f"step_{steps:08d}"
+            assert (final / "COMPLETE").exists() and (final / "rank_0.pt").exists()
+            metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            assert metrics[-1]["step"] == steps and math.isfinite(metrics[-1]["loss"])
+    finally:
+        run(["scancel", f"--name={name}"], env=slurm)  # nothing is left queued or running if the test failed
 
 
 @pytest.mark.parametrize("partition", ["gpu"])
