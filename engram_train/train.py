@@ -20,6 +20,8 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from engram_train.backbone import build_model
@@ -29,8 +31,18 @@ from engram_train.data import build_train_loader, build_val_loader, open_dataset
 from engram_train.engram import NgramHasher
 from engram_train.memory import ShardedEngramTable, TablePrefetcher
 from engram_train.metrics import MetricsLogger
-from engram_train.optim import LRSchedule, clip_coefficient, configure_optimizer, global_grad_norm
-from engram_train.parallel import ParallelDims, destroy_process_groups, explain_peer_failure, init_process_groups
+from engram_train.optim import (
+    LRSchedule,
+    clip_coefficient,
+    configure_optimizer,
+    global_grad_norm,
+)
+from engram_train.parallel import (
+    ParallelDims,
+    destroy_process_groups,
+    explain_peer_failure,
+    init_process_groups,
+)
 from engram_train.preemption import REQUEUE_EXIT_CODE, PreemptionWatch
 from engram_train.throughput import flops_per_token, memory_metrics, throughput_metrics
 from engram_train.train_step import (
@@ -226,8 +238,21 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def use_job_run_dir_in_sweeps(dict_cfg: DictConfig) -> None:
+    """In a multirun, each job trains in ``<hydra.sweep.dir>/<hydra.sweep.subdir>`` unless ``experiment.run_dir``
+    is given: the default (``outputs/<experiment.name>``) would make every job of a sweep write to, and resume
+    from, the same checkpoints."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    if any(o.split("=", 1)[0].lstrip("+~") == "experiment.run_dir" for o in hydra_cfg.overrides.task):
+        return
+    dict_cfg.experiment.run_dir = str(Path(hydra_cfg.sweep.dir) / str(hydra_cfg.sweep.subdir))
+
+
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(dict_cfg: DictConfig) -> None:
+    use_job_run_dir_in_sweeps(dict_cfg)
     try:
         cfg = to_config(dict_cfg)
     except ConfigError as error:

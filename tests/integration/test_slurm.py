@@ -150,8 +150,9 @@ def test_submitit_multirun_jobs_complete(slurm, tiny_dataset, tmp_path):
     """`-m hydra/launcher=submitit_slurm` for real: a 2-job sweep (engram.heads_per_order=2,4) becomes a SLURM
     array of two 1-task allocations; each job completes and trains in its own run dir."""
     steps, sweep, name = 5, tmp_path / "sweep", "engram-submitit-test"
-    overrides = [o for o in _overrides(tiny_dataset, "${hydra:sweep.dir}/${hydra:sweep.subdir}", steps)
-                 if not o.startswith("engram.heads_per_order=")]
+    # No experiment.run_dir: in a sweep each job gets <sweep dir>/<job number> by default.
+    overrides = [o for o in _overrides(tiny_dataset, "unused", steps)
+                 if not o.startswith(("engram.heads_per_order=", "experiment.run_dir="))]
     cmd = [sys.executable, "-m", "engram_train.train", "-m", "hydra/launcher=submitit_slurm",
            "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
            f"hydra.launcher.name={name}", f"hydra.sweep.dir={sweep}", *overrides, "engram.heads_per_order=2,4"]
