@@ -357,37 +357,32 @@ def test_async_checkpoint_does_not_block_matches_sync_and_resumes_the_same_curve
 
 
 _FORKING_TRAINER = """
-import multiprocessing, sys, time
+import multiprocessing, time
 from engram_train import checkpoint
 context = multiprocessing.get_context("fork")
-if sys.argv[1] == "saving":
-    with checkpoint._forked_writers_die_with_trainer():
-        writer = context.Process(target=time.sleep, args=(600,))
-        writer.start()
-else:
+with checkpoint._forked_writers_die_with_trainer():
     writer = context.Process(target=time.sleep, args=(600,))
     writer.start()
-print(writer.pid, flush=True)
+bystander = context.Process(target=time.sleep, args=(600,))
+bystander.start()
+print(writer.pid, bystander.pid, flush=True)
 time.sleep(600)
 """
 
 
-@pytest.mark.parametrize("when", ["saving", "not_saving"])
-def test_writers_forked_while_saving_die_with_a_killed_trainer(when):
+def test_writers_forked_while_saving_die_with_a_killed_trainer():
     """Megatron forks per-file writers (and the async save forks ours); a trainer killed mid-save must not leave
     them behind. Processes forked outside a save are untouched."""
-    trainer = subprocess.Popen([sys.executable, "-c", _FORKING_TRAINER, when], cwd=REPO, env=_env(),
-                               stdout=subprocess.PIPE, text=True)
-    writer = int(trainer.stdout.readline())
+    trainer = subprocess.Popen([sys.executable, "-c", _FORKING_TRAINER], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                               text=True)
+    writer, bystander = (int(pid) for pid in trainer.stdout.readline().split())
     try:
-        assert _alive([writer])
+        assert _alive([writer]) and _alive([bystander])
         trainer.kill()
         trainer.wait(timeout=30)
-        if when == "saving":
-            wait_for(lambda: not _alive([writer]), timeout_s=10, what="the writer to die with its trainer", poll_s=0.1)
-        else:
-            time.sleep(1)
-            assert _alive([writer]), "only processes forked during a save are tied to the trainer"
+        wait_for(lambda: not _alive([writer]), timeout_s=10, what="the writer to die with its trainer", poll_s=0.1)
+        assert _alive([bystander]), "only processes forked during a save are tied to the trainer"
     finally:
-        if _alive([writer]):
-            os.kill(writer, signal.SIGKILL)
+        for pid in (writer, bystander):
+            if _alive([pid]):
+                os.kill(pid, signal.SIGKILL)
