@@ -73,8 +73,9 @@ class EngramConfig:
     optimizer: str = "adam"
     #: Storage dtype of table rows (optimizer math is always fp32).
     table_dtype: str = "float32"
-    #: none: look up on the critical path; overlap: prefetch on a background thread.
-    prefetch: str = "none"
+    #: none: look up on the critical path; overlap: prefetch on a background thread; auto: overlap where a
+    #: core is free for that thread (backbone on GPU, or fewer compute threads than cores), else none.
+    prefetch: str = "auto"
     #: Ranks holding table shards (0: every rank).
     shards: int = 0
     #: Std of the normal init of table rows.
@@ -283,7 +284,7 @@ def validate(cfg: Config) -> None:
         _check(e.shards >= 0, "engram.shards", e.shards, "must be >= 0 (0: every rank holds a shard)")
     _choice("engram.optimizer", e.optimizer, ("adam", "rowwise_adam", "rowwise_adagrad"))
     _choice("engram.table_dtype", e.table_dtype, ("float32", "bfloat16"))
-    _choice("engram.prefetch", e.prefetch, ("none", "overlap"))
+    _choice("engram.prefetch", e.prefetch, ("none", "overlap", "auto"))
 
     _choice("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")

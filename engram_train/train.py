@@ -12,6 +12,7 @@ log, evaluate, checkpoint. SIGTERM/SIGUSR1 write a checkpoint at the next step a
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -20,6 +21,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -30,6 +32,7 @@ from engram_train.config import Config, ConfigError, to_config
 from engram_train.data import build_train_loader, build_val_loader, open_dataset
 from engram_train.engram import NgramHasher
 from engram_train.memory import ShardedEngramTable, TablePrefetcher
+from engram_train.memory.prefetch import core_is_free_for_prefetch
 from engram_train.metrics import MetricsLogger
 from engram_train.optim import (
     LRSchedule,
@@ -102,7 +105,9 @@ def train(cfg: Config) -> dict:
         optimizer = configure_optimizer(model, cfg.optim)
         schedule = LRSchedule.from_config(cfg.optim, tokens_per_step=plan.tokens_per_step, total_steps=plan.total_steps)
         table = build_table(cfg, hasher, groups.table) if hasher is not None else None
-        prefetcher = TablePrefetcher(table) if table is not None and cfg.engram.prefetch == "overlap" else None
+        prefetcher = None
+        if table is not None and prefetch_in_background(cfg, model, groups.table):
+            prefetcher = TablePrefetcher(table)
         dp_rank, dp_world = groups.data_parallel_rank, groups.data_parallel_world
         loader = build_train_loader(cfg.data, micro_batch_size=x.micro_batch_size, hasher=hasher, dp_rank=dp_rank,
                                     dp_world=dp_world, seed=x.seed, eos_reset=cfg.engram.reset_at_doc_boundary,
@@ -143,11 +148,18 @@ def train(cfg: Config) -> dict:
         if latest is not None:
             logger.print(f"resumed from {latest} at step {state.step} ({state.tokens_seen:,} tokens)")
         logger.print(plan.describe(model, table))
+        if table is not None:
+            where = "prefetched on a background thread" if prefetcher else "on the critical path"
+            logger.print(f"table lookups {where} (engram.prefetch={cfg.engram.prefetch})")
         entropy = unigram_entropy(val_loader(with_hashes=False), plan.eval_batches, vocab_size=dataset.vocab_size)
 
         model_flops = flops_per_token(cfg, dataset.vocab_size)
         checkpoint_path, preempted, val_loss = latest, False, float("nan")
         window, session_tokens, session_seconds = MetricsWindow(), 0, 0.0
+        if state.step >= plan.total_steps:
+            logger.print(f"[green]{latest} is at step {state.step} of {plan.total_steps}: this run is complete, nothing to "
+                         f"train. To train anew, remove {run_dir} or set experiment.name (or experiment.run_dir).[/green]")
+            val_loss = evaluate(model, table, val_loader(), plan.eval_batches, dims)
         while state.step < plan.total_steps:
             lr, step_start = schedule(state.step), time.perf_counter()
             result = train_step(model, table, prefetcher, loader, plan, dims)
@@ -236,6 +248,24 @@ def format_summary(summary: dict) -> str:
         f"  metrics              {summary['run_dir']}/metrics.jsonl",
     ]
     return "\n".join(lines)
+
+
+def prefetch_in_background(cfg: Config, model, table_group) -> bool:
+    """``engram.prefetch``: overlap always, auto where every rank has a core free for the thread, none never.
+
+    All ranks decide alike (a MIN over them): the lookup's collectives run at a different point of the
+    step with and without the thread, so a mixed choice would pair mismatched collectives.
+    """
+    mode = cfg.engram.prefetch
+    if mode != "auto":
+        return mode == "overlap"
+    device = next(model.parameters()).device
+    free = core_is_free_for_prefetch(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([int(free)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=table_group)  # gloo: a CPU tensor on every backend
+        free = bool(flag.item())
+    return free
 
 
 def use_job_run_dir_in_sweeps(dict_cfg: DictConfig) -> None:

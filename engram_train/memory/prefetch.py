@@ -13,6 +13,7 @@ moved since the prefetch began. The rows returned are therefore always those a s
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +21,19 @@ import torch
 
 from engram_train.memory.dedup import UniqueIds
 from engram_train.memory.table import ShardedEngramTable
+
+
+def core_is_free_for_prefetch(device: torch.device, ranks_on_this_host: int) -> bool:
+    """Whether a background lookup can overlap anything (``engram.prefetch=auto``).
+
+    With the backbone on a GPU the host cores wait for it. On a CPU whose cores all run intra-op threads
+    the thread has nothing to overlap and only preempts OpenMP workers (measured in
+    bench/engram_overhead.py: 2-5% slower steps than looking up on the critical path).
+    """
+    if device.type == "cuda":
+        return True
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return torch.get_num_threads() * ranks_on_this_host < cores
 
 
 def _one_thread() -> None:

@@ -181,3 +181,19 @@ def test_loader_dedup_matches_table_dedup_and_is_checked():
         table.lookup(torch.tensor([1, 2, 3]), unique)
     with pytest.raises(ValueError, match="out of range"):
         table.lookup(torch.tensor([1, 60]), UniqueIds.of(torch.tensor([1, 60])))
+
+
+def test_prefetch_thread_only_where_a_core_is_free():
+    from engram_train.memory.prefetch import core_is_free_for_prefetch
+
+    cores = len(os.sched_getaffinity(0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cores)  # the compute occupies every core: nothing to overlap
+        assert not core_is_free_for_prefetch(torch.device("cpu"), ranks_on_this_host=1)
+        torch.set_num_threads(1)
+        assert core_is_free_for_prefetch(torch.device("cpu"), ranks_on_this_host=1) == (cores > 1)
+        assert not core_is_free_for_prefetch(torch.device("cpu"), ranks_on_this_host=cores)
+        assert core_is_free_for_prefetch(torch.device("cuda"), ranks_on_this_host=cores), "host cores wait for the GPU"
+    finally:
+        torch.set_num_threads(threads)
