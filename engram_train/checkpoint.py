@@ -224,7 +224,7 @@ def _table_snapshot(table) -> tuple[tuple[str, dict[str, Any]], dict[str, Any] |
 
     The rows are not copied: the writer is a forked process, which sees them as they are now.
     """
-    table._drain()
+    table.wait_for_prefetch()
     return table_files.table_shard(table), table_files.table_meta(table) if table.rank == 0 else None
 
 

@@ -129,7 +129,7 @@ class EngramLookup:
     def push_gradients(self) -> None:
         """Collective over the table group: TP-sum the rows' gradient, the leader sends it to the owners."""
         start = time.perf_counter()
-        self.table._drain()  # the next micro-batch's prefetch, if still running, issues its collectives first
+        self.table.wait_for_prefetch()  # the next micro-batch's prefetch, if still running, issues its collectives first
         self.wait_s += time.perf_counter() - start
         grad = self.rows.grad
         if self.tp_group is not None:

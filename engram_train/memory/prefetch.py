@@ -62,7 +62,7 @@ class TablePrefetcher:
     def submit(self, ids: torch.Tensor, unique: UniqueIds | None = None) -> None:
         if self._future is not None:
             raise RuntimeError("TablePrefetcher.submit: the previous prefetch was never collected; call result() first")
-        self.table._drain()
+        self.table.wait_for_prefetch()
         self._ids, self._version = ids, self.table.version
         self._future = self._pool.submit(self._run, ids, unique)
         self.table._inflight = self._future

@@ -154,7 +154,7 @@ class ShardedEngramTable:
 
         ``unique``: ``UniqueIds.of(ids)`` when the data loader already computed it; skips the sort.
         """
-        self._drain()
+        self.wait_for_prefetch()
         t0 = time.perf_counter()
         out = self._lookup(ids, unique)
         dt = time.perf_counter() - t0
@@ -176,7 +176,7 @@ class ShardedEngramTable:
     # -- backward --------------------------------------------------------------------------------
     def accumulate_grad(self, ids: torch.Tensor, grad: torch.Tensor | None) -> None:
         """Send the grads of one lookup (``rows.grad``) to the rows' owners; may be called repeatedly."""
-        self._drain()
+        self.wait_for_prefetch()
         t0 = time.perf_counter()
         plan = self._plan(ids)
         if grad is None:
@@ -218,7 +218,7 @@ class ShardedEngramTable:
         ``None`` uses the constructor's. Every rank must call it (it counts the global step used for
         bias correction) even when it owns no touched rows. No communication.
         """
-        self._drain()  # a prefetch may still be reading the rows we are about to write
+        self.wait_for_prefetch()  # a prefetch may still be reading the rows we are about to write
         t0 = time.perf_counter()
         ids, grads = self._coalesced()
         if grad_scale != 1.0:
@@ -291,7 +291,7 @@ class ShardedEngramTable:
         plan.route = (send_l, recv_l, owned)
         return plan.route
 
-    def _drain(self) -> None:
+    def wait_for_prefetch(self) -> None:
         """Wait for an in-flight prefetch so collectives keep one order on every rank."""
         inflight = self._inflight
         if inflight is not None:
@@ -330,13 +330,13 @@ class ShardedEngramTable:
         """Write this rank's rows and optimizer rows under ``path`` (collective; see checkpoint.py)."""
         from engram_train.memory.checkpoint import save_table
 
-        self._drain()
+        self.wait_for_prefetch()
         save_table(self, path)
 
     def load(self, path: str) -> None:
         """Load a checkpoint written at any world size (collective; see checkpoint.py)."""
         from engram_train.memory.checkpoint import load_table
 
-        self._drain()
+        self.wait_for_prefetch()
         load_table(self, path)
         self.version += 1
