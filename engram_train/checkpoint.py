@@ -50,6 +50,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import (
 
 from engram_train.backbone.checkpoint import backbone_sharded_state_dict, load_backbone
 from engram_train.memory import checkpoint as table_files
+from engram_train.parallel import on_every_rank
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -179,7 +180,7 @@ class Checkpointer:
     def _seal(self, partial: Path, final: Path, meta: dict[str, Any], table_meta: dict[str, Any] | None) -> None:
         """Collective: once every rank's files are on disk, rank 0 writes the marker and renames the folder."""
         # rank_<r>.pt is each rank's last file: where one is missing that rank's writer failed.
-        if not _on_every_rank((partial / f"rank_{self.rank}.pt").exists()):
+        if not on_every_rank((partial / f"rank_{self.rank}.pt").exists()):
             raise CheckpointError(
                 f"{partial}: a rank's checkpoint writer failed (see that rank's log); the folder stays partial "
                 "and is ignored on resume"
@@ -301,15 +302,6 @@ def _gather_objects(value: Any) -> list[Any]:
     values: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
-
-
-def _on_every_rank(flag: bool) -> bool:
-    """Collective: True only where ``flag`` holds on every rank."""
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # NCCL reduces on the GPU
-    value = torch.tensor([1 if flag else 0], dtype=torch.int, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
 
 
 def _barrier() -> None:

@@ -183,6 +183,25 @@ def _silent_ranks(dims: ParallelDims, wait_s: float = 3.0) -> list[int]:
         return [0] if dims.rank != 0 else []
 
 
+def on_every_rank(flag: bool, group=None) -> bool:
+    """Collective over ``group`` (default: all ranks): True only where ``flag`` holds on every rank."""
+    return _agree(flag, dist.ReduceOp.MIN, group)
+
+
+def on_any_rank(flag: bool, group=None) -> bool:
+    """Collective over ``group`` (default: all ranks): True everywhere once ``flag`` holds on one rank."""
+    return _agree(flag, dist.ReduceOp.MAX, group)
+
+
+def _agree(flag: bool, op, group) -> bool:
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
+        return flag
+    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+    value = torch.tensor([int(flag)], dtype=torch.int, device=device)
+    dist.all_reduce(value, op=op, group=group)
+    return bool(value.item())
+
+
 def destroy_process_groups() -> None:
     """Tear down cleanly: without it world-2 gloo runs sometimes abort at exit."""
     from megatron.core import parallel_state

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
+from engram_train.parallel import on_any_rank
 
 #: Exit status after a preemption checkpoint (EX_TEMPFAIL: "try again"); launch/slurm.sbatch requeues on it.
 REQUEUE_EXIT_CODE = 75
@@ -28,10 +27,7 @@ class PreemptionWatch:
 
     def should_stop(self) -> bool:
         """Collective: True on every rank once any rank has received a stop signal."""
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return on_any_rank(self.requested is not None)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -21,7 +21,6 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -45,6 +44,7 @@ from engram_train.parallel import (
     destroy_process_groups,
     explain_peer_failure,
     init_process_groups,
+    on_every_rank,
 )
 from engram_train.preemption import REQUEUE_EXIT_CODE, PreemptionWatch
 from engram_train.throughput import flops_per_token, memory_metrics, throughput_metrics
@@ -260,12 +260,7 @@ def prefetch_in_background(cfg: Config, model, table_group) -> bool:
     if mode != "auto":
         return mode == "overlap"
     device = next(model.parameters()).device
-    free = core_is_free_for_prefetch(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        flag = torch.tensor([int(free)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=table_group)  # gloo: a CPU tensor on every backend
-        free = bool(flag.item())
-    return free
+    return on_every_rank(core_is_free_for_prefetch(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))), table_group)
 
 
 def use_job_run_dir_in_sweeps(dict_cfg: DictConfig) -> None:
