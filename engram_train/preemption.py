@@ -1,5 +1,6 @@
-"""Stop cleanly when the scheduler asks: SIGTERM (preemption, scancel) or SIGUSR1 (SLURM's warning
-before the time limit, ``#SBATCH --signal``) request a checkpoint at the next step boundary.
+"""Stop cleanly when the scheduler asks: SIGTERM (preemption, scancel), SIGUSR1 (SLURM's warning
+before the time limit, ``#SBATCH --signal``) or SIGUSR2 (the same warning as submitit asks for it)
+request a checkpoint at the next step boundary.
 
 Ranks can receive the signal at different moments, so ``should_stop`` agrees on it with one tiny
 all-reduce per step: every rank saves at the same step.
@@ -16,7 +17,7 @@ REQUEUE_EXIT_CODE = 75
 
 
 class PreemptionWatch:
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)):
         self.requested: str | None = None
         self._previous = {}
         for sig in signals:
@@ -32,3 +33,20 @@ class PreemptionWatch:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def hand_over(signal_name: str | None) -> None:
+    """Once the checkpoint is written, run the Python handler that was installed for the signal before ours.
+
+    submitit binds SIGUSR2 to a handler that requeues the job from rank 0 and exits. Left to itself it
+    would act mid-step with no trainer checkpoint, so the steps since the last periodic one would be redone;
+    the watch takes the signal first and passes it on here, after every rank has saved. Call it after
+    ``PreemptionWatch.restore`` (the previous handlers are back in place). Default or ignored
+    dispositions (plain torchrun, sbatch) have nothing to pass on.
+    """
+    if signal_name is None:
+        return
+    signum = signal.Signals[signal_name]
+    handler = signal.getsignal(signum)
+    if callable(handler):
+        handler(signum, None)

@@ -46,7 +46,7 @@ from engram_train.parallel import (
     init_process_groups,
     on_every_rank,
 )
-from engram_train.preemption import REQUEUE_EXIT_CODE, PreemptionWatch
+from engram_train.preemption import REQUEUE_EXIT_CODE, PreemptionWatch, hand_over
 from engram_train.throughput import flops_per_token, memory_metrics, throughput_metrics
 from engram_train.train_step import (
     MetricsWindow,
@@ -219,6 +219,7 @@ def train(cfg: Config) -> dict:
             "steps": state.step,
             "skipped_steps": state.skipped_steps,
             "preempted": preempted,
+            "stop_signal": watch.requested,
             "checkpoint": str(checkpoint_path) if checkpoint_path else None,
             "wandb_dir": logger.wandb_dir,
             "run_dir": str(run_dir),
@@ -285,6 +286,7 @@ def main(dict_cfg: DictConfig) -> None:
         sys.exit(2)
     summary = train(cfg)
     if summary["preempted"]:
+        hand_over(summary["stop_signal"])  # under submitit, rank 0 requeues the job here and exits
         sys.exit(REQUEUE_EXIT_CODE)
 
 

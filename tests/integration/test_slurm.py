@@ -9,6 +9,7 @@ import math
 import os
 import re
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -180,6 +181,54 @@ def test_submitit_multirun_jobs_complete(slurm, tiny_dataset, tmp_path):
             assert metrics[-1]["step"] == steps and math.isfinite(metrics[-1]["loss"])
     finally:
         run(["scancel", f"--name={name}"], env=slurm)  # nothing is left queued or running if the test failed
+
+
+@pytest.mark.slow
+def test_submitit_usr2_checkpoints_then_submitit_requeues_and_the_job_resumes(slurm, tiny_dataset, tmp_path):
+    """submitit's time-limit warning (USR2, sent here by hand) no longer loses the steps since the last periodic
+    checkpoint: the trainer saves at the next step boundary, then hands USR2 to submitit, which requeues the job;
+    the requeued job resumes from that checkpoint and completes."""
+    steps, sweep, name = 60, tmp_path / "sweep", "engram-submitit-usr2"
+    run_dir = sweep / "0"
+    overrides = [o for o in _overrides(tiny_dataset, "unused", steps)
+                 if not o.startswith(("experiment.run_dir=", "experiment.checkpoint_every="))]
+    cmd = [sys.executable, "-m", "engram_train.train", "-m", "hydra/launcher=submitit_slurm",
+           "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
+           f"hydra.launcher.name={name}", f"hydra.sweep.dir={sweep}", *overrides,
+           "experiment.checkpoint_every=0", "experiment.log_every=1"]
+    launcher = subprocess.Popen(cmd, env=slurm, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # .submitit/<job id>: a one-job sweep is a plain job, not an array
+        job = wait_for(lambda: next((p.name for p in (sweep / ".submitit").glob("*") if re.fullmatch(r"\d+(_0)?", p.name)),
+                                    None) if (sweep / ".submitit").exists() else None,
+                       timeout_s=120, what="the submitit job", poll_s=0.5)
+        metrics = run_dir / "metrics.jsonl"
+        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, timeout_s=150,
+                 what=f"job {job} training", poll_s=0.2)
+        assert job_fields(job, slurm)["JobState"] == "RUNNING", "the run must still be going when the signal comes"
+        assert run(["scancel", "--signal=USR2", job], env=slurm).returncode == 0
+        wait_for(lambda: (lambda f: f.get("Restarts") == "1" and f.get("JobState") == "PENDING")(job_fields(job, slurm)),
+                 timeout_s=150, what=f"job {job} requeued by submitit")
+        released = run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm)  # skip SLURM's BeginTime hold
+        assert released.returncode == 0, released.stderr
+        output, _ = launcher.communicate(timeout=240)
+        assert launcher.returncode == 0, f"multirun failed:\n{output[-3000:]}"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        run(["scancel", f"--name={name}"], env=slurm)
+
+    log = "\n".join(p.read_text() for p in sorted((sweep / ".submitit" / job).glob("*_log.*")))
+    stopped = re.search(r"SIGUSR2: checkpoint \S+ written at step (\d+)", log)
+    assert stopped, log[-3000:]
+    stop_step = int(stopped.group(1))
+    assert 0 < stop_step < steps
+    assert "Requeued job" in log, "submitit's handler ran after the trainer's checkpoint and requeued the job"
+    assert re.search(rf"resumed from \S+step_{stop_step:08d} at step {stop_step}\b", log), log[-3000:]
+    assert (run_dir / "checkpoints" / f"step_{stop_step:08d}" / "COMPLETE").exists(), "the USR2 checkpoint is kept"
+    assert (run_dir / "checkpoints" / f"step_{steps:08d}" / "COMPLETE").exists()
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, steps + 1)), "the requeued job went on from the stop step: none redone, none lost"
 
 
 @pytest.mark.parametrize("partition", ["gpu"])
