@@ -136,10 +136,12 @@ class TorchAdam(SparseRowOptimizer):
 class CpuAdam(TorchAdam):
     """Adam through DeepSpeed's vectorised CPU kernel (``cpu_adam`` op, JIT-built once and cached).
 
-    The kernel divides by ``sqrt(v) / sqrt(1 - b2^t) + eps`` (torch.optim.Adam's form) where
-    SparseAdam divides by ``sqrt(v) + eps`` and scales the step by ``sqrt(1 - b2^t)``; passing
-    ``eps / sqrt(1 - b2^t)`` to the kernel makes the two identical, which matters for rows whose
-    gradients are tiny (sqrt(v) near eps), common in a sparsely hit table.
+    The kernel runs with its bias correction off and is given SparseAdam's corrected step size
+    ``lr * sqrt(1 - b2^t) / (1 - b1^t)`` (computed here in double precision) with the plain ``eps``:
+    that is SparseAdam's update, ``p -= step_size * m / (sqrt(v) + eps)``. Its own bias correction
+    would also differ in form (it divides by ``sqrt(v) / sqrt(1 - b2^t) + eps``) and, worse, keeps
+    ``b^t`` as a running float product inside the C++ object: a resumed run recomputes it with
+    ``pow`` and rounds differently, so the table would no longer continue the same curve bit for bit.
     """
 
     _op = None
@@ -166,8 +168,8 @@ class CpuAdam(TorchAdam):
 
     def _apply(self, p, g, s, lr, step):
         b1, b2 = self.betas
-        eps = self.eps / math.sqrt(1 - b2**step)
-        self._op.adam_update(self._id, step, lr, b1, b2, eps, 0.0, True, p, g, s["exp_avg"], s["exp_avg_sq"])
+        step_size = lr * math.sqrt(1 - b2**step) / (1 - b1**step)
+        self._op.adam_update(self._id, step, step_size, b1, b2, self.eps, 0.0, False, p, g, s["exp_avg"], s["exp_avg_sq"])
 
     def __del__(self):
         if CpuAdam._op is not None and hasattr(self, "_id"):

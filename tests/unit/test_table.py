@@ -197,3 +197,23 @@ def test_prefetch_thread_only_where_a_core_is_free():
         assert core_is_free_for_prefetch(torch.device("cuda"), ranks_on_this_host=cores), "host cores wait for the GPU"
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("use_cpu_adam", [False, True], ids=["torch_adam", "cpu_adam"])
+def test_a_table_reloaded_into_a_fresh_process_state_continues_bit_for_bit(use_cpu_adam, tmp_path):
+    """Resume from every step: save, load into a new table (a new optimizer, a new DeepSpeed kernel object,
+    as in a restarted process) and train on; rows and moments equal the uninterrupted run's exactly."""
+    steps = 12
+    continuous = ShardedEngramTable(N, D, seed=3, use_cpu_adam=use_cpu_adam)
+    _train(continuous, steps=steps)
+    for stop in range(1, steps):
+        first = ShardedEngramTable(N, D, seed=3, use_cpu_adam=use_cpu_adam)
+        batches = list(_batches(steps))
+        train_table(first, batches[:stop], lr=LR)
+        first.save(str(tmp_path / f"step_{stop}"))
+        resumed = ShardedEngramTable(N, D, seed=99, use_cpu_adam=use_cpu_adam)
+        resumed.load(str(tmp_path / f"step_{stop}"))
+        train_table(resumed, batches[stop:], lr=LR)
+        assert torch.equal(resumed.rows, continuous.rows), f"rows differ after resuming at step {stop}"
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(_dense_state(resumed, name), _dense_state(continuous, name)), (name, stop)
