@@ -94,6 +94,10 @@ class ParallelConfig:
     ep: int = 1
     #: Backend of the backbone groups: auto picks nccl on GPU, gloo on CPU. The table is always gloo.
     backend: str = "auto"
+    #: How backbone gradients become global: coalesced (one flat all-reduce per group after the backward),
+    #: megatron_ddp (Megatron-core's DistributedDataParallel: fp32 bucket buffers, all-reduce overlapped
+    #: with the backward on GPU), auto (megatron_ddp on GPU, coalesced on CPU). Both give the same gradients.
+    grad_sync: str = "auto"
     #: Seconds a collective may wait before a dead peer turns into an error.
     timeout_s: int = 300
 
@@ -287,6 +291,7 @@ def validate(cfg: Config) -> None:
     _choice("engram.prefetch", e.prefetch, ("none", "overlap", "auto"))
 
     _choice("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
+    _choice("parallel.grad_sync", p.grad_sync, ("auto", "coalesced", "megatron_ddp"))
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 0")
     _choice("data.on_bad_shard", d.on_bad_shard, ("error", "skip"))

@@ -151,6 +151,8 @@ def train(cfg: Config) -> dict:
         if table is not None:
             where = "prefetched on a background thread" if prefetcher else "on the critical path"
             logger.print(f"table lookups {where} (engram.prefetch={cfg.engram.prefetch})")
+        if dims.world > 1:
+            logger.print(f"backbone gradients: {model.grad_sync.description} (parallel.grad_sync={cfg.parallel.grad_sync})")
         entropy = unigram_entropy(val_loader(with_hashes=False), plan.eval_batches, vocab_size=dataset.vocab_size)
 
         model_flops = flops_per_token(cfg, dataset.vocab_size)

@@ -5,6 +5,7 @@ Split from train.py so the loop there stays a page long; everything here is per-
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -17,7 +18,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from engram_train.config import Config, ConfigError
 from engram_train.memory import UniqueIds
-from engram_train.parallel import backbone_grad_norm_sq, finalize_grads
+from engram_train.parallel import backbone_grad_norm_sq
 
 
 @dataclass
@@ -154,6 +155,7 @@ def train_step(model, table, prefetcher, loader, plan: StepPlan, dims) -> StepRe
 
     batch = next(loader)
     lookup = start(batch)
+    model.grad_sync.start()
     for micro in range(plan.accumulation):
         tokens = batch["tokens"].to(device, non_blocking=True)
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
@@ -165,14 +167,15 @@ def train_step(model, table, prefetcher, loader, plan: StepPlan, dims) -> StepRe
             # (prefetched) overlaps this one's backward.
             batch = next(loader)
             next_lookup = start(batch)
-        (loss / plan.accumulation).backward()
+        with model.grad_sync.no_sync() if micro + 1 < plan.accumulation else contextlib.nullcontext():
+            (loss / plan.accumulation).backward()
         if lookup is not None:
             lookup.push_gradients()
             table_wait_s += lookup.wait_s
         losses.append(loss.detach())
         if micro + 1 < plan.accumulation:
             lookup = next_lookup
-    finalize_grads(model, dims)
+    model.grad_sync.finish()
     loss = torch.stack(losses).mean()
     if dims.dp > 1:
         dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())

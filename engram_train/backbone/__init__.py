@@ -10,6 +10,7 @@ import torch
 warnings.filterwarnings("ignore", module=r"megatron\..*")
 
 from engram_train.backbone.model import EngramLayout, EngramMoEModel
+from engram_train.grad_sync import build_grad_sync
 
 
 def build_model(cfg, *, vocab_size: int, dims) -> EngramMoEModel:
@@ -36,7 +37,10 @@ def build_model(cfg, *, vocab_size: int, dims) -> EngramMoEModel:
         on_cpu=on_cpu,
         init_seed=cfg.experiment.seed,
     )
-    return model.cuda() if not on_cpu else model
+    if not on_cpu:
+        model = model.cuda()
+    model.grad_sync = build_grad_sync(cfg.parallel.grad_sync, model, dims)
+    return model
 
 
 __all__ = ["EngramLayout", "EngramMoEModel", "build_model"]

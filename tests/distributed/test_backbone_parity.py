@@ -30,7 +30,8 @@ def _global_batches():
         yield torch.stack([base[(s + torch.arange(SEQ + 1)) % 64] for s in starts])
 
 
-def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetch: bool = False):
+def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetch: bool = False,
+         grad_sync: str = "auto"):
     from engram_train.backbone import build_model
     from engram_train.config import Config, validate
     from engram_train.engram import NgramHasher
@@ -43,7 +44,7 @@ def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetc
     cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads = 2, 64, 4
     cfg.model.num_experts, cfg.model.moe_ffn_hidden_size, cfg.model.ffn_hidden_size = 4, 32, 64
     cfg.engram.layers, cfg.engram.heads_per_order, cfg.engram.head_dim, cfg.engram.rows_per_head = [1], 2, 8, 257
-    cfg.parallel.tp, cfg.parallel.ep = tp, ep
+    cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.grad_sync = tp, ep, grad_sync
     cfg.data.seq_len = SEQ
     dp = world // tp
     cfg.experiment.micro_batch_size = GLOBAL_MICRO // dp
@@ -58,6 +59,9 @@ def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetc
         torch.manual_seed(0)
         hasher = NgramHasher.from_config(cfg.engram, np.arange(VOCAB, dtype=np.int64), pad_token_id=0)
         model = build_model(cfg, vocab_size=VOCAB, dims=dims)
+        if grad_sync != "auto":
+            expected = {"coalesced": "CoalescedGradSync", "megatron_ddp": "MegatronGradSync"}[grad_sync]
+            assert type(model.grad_sync).__name__ == expected
         optimizer = configure_optimizer(model, cfg.optim)
         table = ShardedEngramTable(hasher.num_rows, cfg.engram.head_dim, group=groups.table, lr=LR * 5,
                                    betas=(0.9, 0.95), seed=0, use_cpu_adam=False)
@@ -100,15 +104,17 @@ def _reference(aux_loss_coeff: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "world, tp, ep, aux_loss_coeff, prefetch",
+    "world, tp, ep, aux_loss_coeff, prefetch, grad_sync",
     # With prefetch, table lookups run on a background thread (the next micro-batch's during this
     # one's backward, whose TP/EP collectives run meanwhile) with ids deduplicated as the loader does.
-    [(2, 2, 1, 0.01, False), (2, 1, 2, 0.0, True), (4, 2, 2, 0.0, True)],
-    ids=["tp2", "ep2-prefetch", "tp2-ep2-prefetch"],
+    # megatron_ddp: gradients reduced by Megatron's DistributedDataParallel (the GPU default) instead.
+    [(2, 2, 1, 0.01, False, "coalesced"), (2, 1, 2, 0.0, True, "coalesced"), (4, 2, 2, 0.0, True, "coalesced"),
+     (4, 2, 2, 0.0, False, "megatron_ddp"), (4, 1, 2, 0.0, False, "megatron_ddp")],
+    ids=["tp2", "ep2-prefetch", "tp2-ep2-prefetch", "tp2-ep2-megatron-ddp", "dp4-ep2-megatron-ddp"],
 )
-def test_losses_match_single_process(world, tp, ep, aux_loss_coeff, prefetch):
+def test_losses_match_single_process(world, tp, ep, aux_loss_coeff, prefetch, grad_sync):
     reference = _reference(aux_loss_coeff)
-    results = run_ranks(world, _run, tp, ep, aux_loss_coeff, prefetch)
+    results = run_ranks(world, _run, tp, ep, aux_loss_coeff, prefetch, grad_sync)
     for rank, result in enumerate(results):
         np.testing.assert_allclose(result[:, 0], reference[:, 0], rtol=0, atol=1e-5, err_msg=f"loss, rank {rank}")
         np.testing.assert_allclose(result[:, 1], reference[:, 1], rtol=1e-4, err_msg=f"grad norm, rank {rank}")

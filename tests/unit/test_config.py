@@ -56,6 +56,7 @@ def test_wrong_type_is_rejected_with_the_key():
         ("optim.lr=-1", "optim.lr"),
         ("optim.schedule=linear", "optim.schedule"),
         ("data.on_bad_shard=ignore", "data.on_bad_shard"),
+        ("parallel.grad_sync=ddp", "parallel.grad_sync"),
         ("experiment.wandb.mode=cloud", "experiment.wandb.mode"),
     ],
 )

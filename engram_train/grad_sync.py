@@ -1,0 +1,93 @@
+"""How backbone gradients become those of the global batch (``parallel.grad_sync``).
+
+Two strategies behind one small interface (``start`` before the first micro-batch, ``no_sync`` around
+every micro-batch but the last, ``finish`` after the last backward), giving the same gradients:
+
+- ``CoalescedGradSync``: after the backward, one flat all-reduce per group (``parallel.finalize_grads``).
+  On CPU, where the all-reduce cannot overlap anything (every core computes), this is the cheapest.
+- ``MegatronGradSync``: Megatron-core's ``DistributedDataParallel``. Gradients accumulate in fp32 bucket
+  buffers (``param.main_grad``) and, on a GPU, each bucket's all-reduce starts during the last
+  micro-batch's backward as soon as its gradients are ready, hidden behind the remaining backward.
+
+The strategy is attached to the model (``model.grad_sync``) by ``build_model``, so every caller of
+``train_step`` gets the configured one without threading it through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from engram_train.parallel import ParallelDims, finalize_grads
+
+GRAD_SYNCS = ("coalesced", "megatron_ddp")
+
+
+class CoalescedGradSync:
+    description = "one coalesced all-reduce per group after the backward"
+
+    def __init__(self, model: torch.nn.Module, dims: ParallelDims):
+        self.model, self.dims = model, dims
+
+    def start(self) -> None:
+        pass
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def finish(self) -> None:
+        finalize_grads(self.model, self.dims)
+
+
+class MegatronGradSync:
+    """Megatron's DDP held beside the model, not around it: checkpoints, hooks and attribute access see the
+    same module whichever strategy runs. After ``finish`` every ``param.grad`` is its reduced ``main_grad``
+    (a view into the bucket buffer), so the torch optimizer, clipping and the grad norm read them as usual."""
+
+    def __init__(self, model: torch.nn.Module, overlap: bool):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=overlap, use_distributed_optimizer=False
+        )
+        self.ddp = DistributedDataParallel(model.config, ddp_config, module=model)
+        overlapped = "overlapped with the backward" if overlap else "after the backward"
+        self.description = f"Megatron DistributedDataParallel, fp32 bucket all-reduce {overlapped}"
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def start(self) -> None:
+        # The last step's grads are views into the buffer: drop them before it is zeroed, or autograd
+        # would accumulate into the buffer on top of DDP's own accumulation.
+        for param in self.params:
+            param.grad = None
+        self.ddp.zero_grad_buffer()
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return self.ddp.no_sync()
+
+    def finish(self) -> None:
+        # DP all-reduce of the buckets, then the TP sum of sequence-parallel (partial) gradients.
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads([self.ddp])
+        for param in self.params:
+            param.grad = param.main_grad
+
+
+def resolve_grad_sync(choice: str, on_gpu: bool) -> str:
+    """``auto`` is Megatron's DDP on GPU (overlap pays there) and the coalesced all-reduce on CPU."""
+    if choice == "auto":
+        return "megatron_ddp" if on_gpu else "coalesced"
+    if choice not in GRAD_SYNCS:
+        raise ValueError(f"parallel.grad_sync={choice!r}: choose one of auto, {', '.join(GRAD_SYNCS)}")
+    return choice
+
+
+def build_grad_sync(choice: str, model: torch.nn.Module, dims: ParallelDims):
+    on_gpu = next(model.parameters()).is_cuda
+    if resolve_grad_sync(choice, on_gpu) == "megatron_ddp":
+        # Overlap needs asynchronous collectives beside the backward's kernels: on CPU the backward
+        # already uses every core, and Megatron's notes (../shared/notes/megatron_on_cpu.md) keep it off.
+        return MegatronGradSync(model, overlap=on_gpu)
+    return CoalescedGradSync(model, dims)
