@@ -6,8 +6,9 @@ every micro-batch but the last, ``finish`` after the last backward), giving the 
 - ``CoalescedGradSync``: after the backward, one flat all-reduce per group (``parallel.finalize_grads``).
   On CPU, where the all-reduce cannot overlap anything (every core computes), this is the cheapest.
 - ``MegatronGradSync``: Megatron-core's ``DistributedDataParallel``. Gradients accumulate in fp32 bucket
-  buffers (``param.main_grad``) and, on a GPU, each bucket's all-reduce starts during the last
-  micro-batch's backward as soon as its gradients are ready, hidden behind the remaining backward.
+  buffers (``param.main_grad``) and each bucket's all-reduce starts during the last micro-batch's backward
+  as soon as its gradients are ready (``overlap_grad_reduce``), hidden behind the remaining backward on a
+  GPU. It runs the same way on CPU with gloo, which is how CI tests the GPU default's logic.
 
 The strategy is attached to the model (``model.grad_sync``) by ``build_model``, so every caller of
 ``train_step`` gets the configured one without threading it through.
@@ -45,15 +46,15 @@ class MegatronGradSync:
     same module whichever strategy runs. After ``finish`` every ``param.grad`` is its reduced ``main_grad``
     (a view into the bucket buffer), so the torch optimizer, clipping and the grad norm read them as usual."""
 
-    def __init__(self, model: torch.nn.Module, overlap: bool):
+    description = "Megatron DistributedDataParallel, fp32 bucket all-reduces overlapped with the backward"
+
+    def __init__(self, model: torch.nn.Module):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=overlap, use_distributed_optimizer=False
+            grad_reduce_in_fp32=True, overlap_grad_reduce=True, use_distributed_optimizer=False
         )
         self.ddp = DistributedDataParallel(model.config, ddp_config, module=model)
-        overlapped = "overlapped with the backward" if overlap else "after the backward"
-        self.description = f"Megatron DistributedDataParallel, fp32 bucket all-reduce {overlapped}"
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def start(self) -> None:
@@ -76,7 +77,8 @@ class MegatronGradSync:
 
 
 def resolve_grad_sync(choice: str, on_gpu: bool) -> str:
-    """``auto`` is Megatron's DDP on GPU (overlap pays there) and the coalesced all-reduce on CPU."""
+    """``auto`` is Megatron's DDP on GPU (overlap pays there) and the coalesced all-reduce on CPU, where the
+    backward already uses every core and an overlapped all-reduce only competes with it."""
     if choice == "auto":
         return "megatron_ddp" if on_gpu else "coalesced"
     if choice not in GRAD_SYNCS:
@@ -87,7 +89,5 @@ def resolve_grad_sync(choice: str, on_gpu: bool) -> str:
 def build_grad_sync(choice: str, model: torch.nn.Module, dims: ParallelDims):
     on_gpu = next(model.parameters()).is_cuda
     if resolve_grad_sync(choice, on_gpu) == "megatron_ddp":
-        # Overlap needs asynchronous collectives beside the backward's kernels: on CPU the backward
-        # already uses every core, and Megatron's notes (../shared/notes/megatron_on_cpu.md) keep it off.
-        return MegatronGradSync(model, overlap=on_gpu)
+        return MegatronGradSync(model)
     return CoalescedGradSync(model, dims)
