@@ -22,9 +22,6 @@ import torch
 
 from engram_train.parallel import ParallelDims, finalize_grads
 
-GRAD_SYNCS = ("coalesced", "megatron_ddp")
-
-
 class CoalescedGradSync:
     description = "one coalesced all-reduce per group after the backward"
 
@@ -76,18 +73,10 @@ class MegatronGradSync:
             param.grad = param.main_grad
 
 
-def resolve_grad_sync(choice: str, on_gpu: bool) -> str:
-    """``auto`` is Megatron's DDP on GPU (overlap pays there) and the coalesced all-reduce on CPU, where the
-    backward already uses every core and an overlapped all-reduce only competes with it."""
-    if choice == "auto":
-        return "megatron_ddp" if on_gpu else "coalesced"
-    if choice not in GRAD_SYNCS:
-        raise ValueError(f"parallel.grad_sync={choice!r}: choose one of auto, {', '.join(GRAD_SYNCS)}")
-    return choice
-
-
 def build_grad_sync(choice: str, model: torch.nn.Module, dims: ParallelDims):
-    on_gpu = next(model.parameters()).is_cuda
-    if resolve_grad_sync(choice, on_gpu) == "megatron_ddp":
+    """``choice`` is ``parallel.grad_sync`` (validated with the config). ``auto`` is Megatron's DDP on GPU
+    (overlap pays there) and the coalesced all-reduce on CPU, where the backward already uses every core
+    and an overlapped all-reduce only competes with it."""
+    if choice == "megatron_ddp" or (choice == "auto" and next(model.parameters()).is_cuda):
         return MegatronGradSync(model)
     return CoalescedGradSync(model, dims)

@@ -28,7 +28,7 @@ def core_is_free_for_prefetch(device: torch.device, ranks_on_this_host: int) -> 
 
     With the backbone on a GPU the host cores wait for it. On a CPU whose cores all run intra-op threads
     the thread has nothing to overlap and only preempts OpenMP workers (measured in
-    bench/engram_overhead.py: 2-5% slower steps than looking up on the critical path).
+    bench/engram_overhead.py: 0-5% slower steps, run to run, than looking up on the critical path).
     """
     if device.type == "cuda":
         return True

@@ -96,6 +96,11 @@ class SparseRowOptimizer:
     def _apply(self, p: torch.Tensor, g: torch.Tensor, s: dict[str, torch.Tensor], lr: float, step: int) -> None:
         raise NotImplementedError
 
+    def _adam_step_size(self, lr: float, step: int) -> float:
+        """SparseAdam's bias-corrected step size, in double precision from the global step alone."""
+        b1, b2 = self.betas
+        return lr * math.sqrt(1 - b2**step) / (1 - b1**step)
+
     # -- checkpoint ------------------------------------------------------------------------------
     def export_state(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(touched local row ids ascending, state rows in that order) — never-touched rows omitted."""
@@ -129,7 +134,7 @@ class TorchAdam(SparseRowOptimizer):
         m, v = s["exp_avg"], s["exp_avg_sq"]
         m.mul_(b1).add_(g, alpha=1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        step_size = lr * math.sqrt(1 - b2**step) / (1 - b1**step)
+        step_size = self._adam_step_size(lr, step)
         p.addcdiv_(m, v.sqrt().add_(self.eps), value=-step_size)
 
 
@@ -168,8 +173,8 @@ class CpuAdam(TorchAdam):
 
     def _apply(self, p, g, s, lr, step):
         b1, b2 = self.betas
-        step_size = lr * math.sqrt(1 - b2**step) / (1 - b1**step)
-        self._op.adam_update(self._id, step, step_size, b1, b2, self.eps, 0.0, False, p, g, s["exp_avg"], s["exp_avg_sq"])
+        self._op.adam_update(self._id, step, self._adam_step_size(lr, step), b1, b2, self.eps, 0.0, False,
+                             p, g, s["exp_avg"], s["exp_avg_sq"])
 
     def __del__(self):
         if CpuAdam._op is not None and hasattr(self, "_id"):
@@ -190,7 +195,7 @@ class RowwiseAdam(SparseRowOptimizer):
         m, v = s["exp_avg"], s["exp_avg_sq"]
         m.mul_(b1).add_(g, alpha=1 - b1)
         v.mul_(b2).add_(g.square().mean(dim=1), alpha=1 - b2)
-        step_size = lr * math.sqrt(1 - b2**step) / (1 - b1**step)
+        step_size = self._adam_step_size(lr, step)
         p.addcdiv_(m, v.sqrt().add_(self.eps).unsqueeze(1), value=-step_size)
 
 

@@ -206,9 +206,9 @@ def test_a_table_reloaded_into_a_fresh_process_state_continues_bit_for_bit(use_c
     steps = 12
     continuous = ShardedEngramTable(N, D, seed=3, use_cpu_adam=use_cpu_adam)
     _train(continuous, steps=steps)
+    batches = list(_batches(steps))
     for stop in range(1, steps):
         first = ShardedEngramTable(N, D, seed=3, use_cpu_adam=use_cpu_adam)
-        batches = list(_batches(steps))
         train_table(first, batches[:stop], lr=LR)
         first.save(str(tmp_path / f"step_{stop}"))
         resumed = ShardedEngramTable(N, D, seed=99, use_cpu_adam=use_cpu_adam)
