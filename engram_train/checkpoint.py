@@ -134,7 +134,8 @@ class Checkpointer:
             (partial / "backbone").mkdir(parents=True)
         _barrier()
         _shield_checkpoint_writer()
-        meta = {**meta, "step": step, "world": self.world, "dp_rank_of_rank": _gather_objects(rank_state["dp_rank"])}
+        meta = {**meta, "step": step, "world": self.world, "dp_rank_of_rank": _gather_objects(rank_state["dp_rank"]),
+                "backbone_optimizer": optimizer.kind}
         backbone = backbone_sharded_state_dict(model, optimizer)
         if not self.async_save:
             with _forked_writers_die_with_trainer():
@@ -212,6 +213,13 @@ class Checkpointer:
             raise CheckpointError(
                 f"{path}: written with {len(set(meta['dp_rank_of_rank']))} data-parallel ranks, this run has data-parallel "
                 f"rank {dp_rank}; keep world/parallel.tp at the same data-parallel size to resume the data stream"
+            )
+        saved_optimizer = meta.get("backbone_optimizer", "torch_adamw")
+        if saved_optimizer != optimizer.kind:
+            setting = {"torch_adamw": "false", "megatron_distributed": "true"}
+            raise CheckpointError(
+                f"{path}: its backbone optimizer state is {saved_optimizer}, this run's optimizer is {optimizer.kind}; "
+                f"resume with optim.distributed={setting.get(saved_optimizer, '?')} as the run that wrote it"
             )
         load_backbone(model, optimizer, path / "backbone")
         if table is not None:

@@ -146,6 +146,10 @@ class OptimConfig:
     grad_clip: float = 1.0
     #: What to do when the loss or gradient norm is NaN/inf: stop or skip the step.
     on_nonfinite: str = "stop"
+    #: Megatron-core's DistributedOptimizer instead of torch AdamW (GPU only): Adam moments sharded over
+    #: the DP ranks (ZeRO-1), gradients reduce-scattered into Megatron DDP's buffers, parameters
+    #: all-gathered after the step. Needs parallel.grad_sync=megatron_ddp or auto.
+    distributed: bool = False
 
 
 @dataclass
@@ -307,6 +311,9 @@ def validate(cfg: Config) -> None:
     _check(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction, "must be in (0, 1]")
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
     _choice("optim.on_nonfinite", o.on_nonfinite, ("stop", "skip"))
+    _check(not (o.distributed and p.grad_sync == "coalesced"), "parallel.grad_sync", p.grad_sync,
+           "must be megatron_ddp or auto with optim.distributed=true: the distributed optimizer steps on the "
+           "shards that Megatron DDP reduce-scatters")
 
     _choice("experiment.wandb.mode", x.wandb.mode, ("offline", "online", "disabled"))
     _check(x.eval_tokens >= d.seq_len, "experiment.eval_tokens", x.eval_tokens, f"must be >= data.seq_len={d.seq_len}")

@@ -45,14 +45,18 @@ class MegatronGradSync:
 
     description = "Megatron DistributedDataParallel, fp32 bucket all-reduces overlapped with the backward"
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, *, distributed_optimizer: bool = False):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=True, use_distributed_optimizer=False
+            grad_reduce_in_fp32=True, overlap_grad_reduce=True, use_distributed_optimizer=distributed_optimizer
         )
         self.ddp = DistributedDataParallel(model.config, ddp_config, module=model)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.distributed_optimizer = distributed_optimizer
+        if distributed_optimizer:
+            self.description = ("Megatron DistributedDataParallel, fp32 bucket reduce-scatters overlapped with the "
+                                "backward, for the distributed optimizer")
 
     def start(self) -> None:
         # The last step's grads are views into the buffer: drop them before it is zeroed, or autograd
@@ -69,14 +73,19 @@ class MegatronGradSync:
         from megatron.core.distributed import finalize_model_grads
 
         finalize_model_grads([self.ddp])
+        if self.distributed_optimizer:
+            return  # each rank holds only its shard of the reduced buffer; the optimizer reads it there
         for param in self.params:
             param.grad = param.main_grad
 
 
-def build_grad_sync(choice: str, model: torch.nn.Module, dims: ParallelDims):
+def build_grad_sync(choice: str, model: torch.nn.Module, dims: ParallelDims, *, distributed_optimizer: bool = False):
     """``choice`` is ``parallel.grad_sync`` (validated with the config). ``auto`` is Megatron's DDP on GPU
     (overlap pays there) and the coalesced all-reduce on CPU, where the backward already uses every core
-    and an overlapped all-reduce only competes with it."""
+    and an overlapped all-reduce only competes with it. ``distributed_optimizer`` (``optim.distributed``)
+    makes DDP reduce-scatter instead of all-reduce."""
+    if distributed_optimizer:
+        return MegatronGradSync(model, distributed_optimizer=True)
     if choice == "megatron_ddp" or (choice == "auto" and next(model.parameters()).is_cuda):
         return MegatronGradSync(model)
     return CoalescedGradSync(model, dims)

@@ -1,4 +1,8 @@
-"""Backbone optimizer (AdamW with nanoGPT-style decay groups), LR schedule, and global grad clipping.
+"""Backbone optimizer, LR schedule, and global grad clipping.
+
+The backbone steps with torch AdamW (nanoGPT-style decay groups, CPU and GPU) or, with ``optim.distributed``
+on GPUs, Megatron-core's DistributedOptimizer; both sit behind one small interface (``grad_norm_sq``,
+``step``, ``zero_grad`` and their sharded checkpoint state), so the train loop does not branch on it.
 
 The Engram table has its own sparse optimizer inside ``engram_train.memory``; it shares this module's
 schedule (times ``engram.lr_multiplier``) and the global gradient norm, so clipping treats the backbone
@@ -13,21 +17,133 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from engram_train.backbone.checkpoint import adam_sharded_state_dict, load_adam_state_dict
 from engram_train.config import OptimConfig
+from engram_train.parallel import backbone_grad_norm_sq
 
 
-def configure_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; matrices decay, norms/gains/conv kernels of width 1 do not (as in nanoGPT)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (decay if param.dim() >= 2 and "conv" not in name else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, foreach=True)
+def decays(name: str, param: torch.nn.Parameter) -> bool:
+    """Matrices decay; norms, gains, biases and conv kernels do not (as in nanoGPT)."""
+    return param.dim() >= 2 and "conv" not in name
+
+
+class TorchAdamW:
+    """torch AdamW over the full (all-reduced) gradients: every DP rank keeps the moments of its TP/EP shard.
+
+    Runs on CPU and GPU. The gradient norm counts every shard once (``parallel.backbone_grad_norm_sq``).
+    """
+
+    description = "torch AdamW (Adam state replicated on every DP rank)"
+    #: Names the checkpoint format of the optimizer state (``Checkpointer`` refuses a mismatch).
+    kind = "torch_adamw"
+
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig, dims):
+        self.model, self.dims = model, dims
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                (decay if decays(name, param) else no_decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": optim.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                                           foreach=True)
+
+    def grad_norm_sq(self) -> torch.Tensor:
+        return backbone_grad_norm_sq(self.model, self.dims)
+
+    def step(self, *, lr: float, clip_scale: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if clip_scale < 1.0:
+            for param in self.model.parameters():
+                if param.grad is not None:
+                    param.grad.mul_(clip_scale)
+        self.optimizer.step()
+        self.zero_grad()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def sharded_state_dict(self, model_state: dict, *, loading: bool) -> dict:
+        return adam_sharded_state_dict(self.optimizer, model_state, loading=loading)
+
+    def load_state_dict(self, state: dict) -> None:
+        load_adam_state_dict(self.optimizer, state)
+
+
+def megatron_optimizer_config(optim: OptimConfig):
+    """Our optim group as Megatron's ``OptimizerConfig`` (clipping off: the trainer clips)."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    return OptimizerConfig(
+        optimizer="adam", lr=optim.lr, min_lr=optim.lr * optim.min_lr_ratio, weight_decay=optim.weight_decay,
+        adam_beta1=optim.beta1, adam_beta2=optim.beta2, adam_eps=optim.eps, clip_grad=0.0,
+        use_distributed_optimizer=True, params_dtype=torch.float32,
+    )
+
+
+def megatron_decay_overrides() -> dict:
+    """``decays`` as Megatron's per-parameter override (its default skips only biases and 1-D tensors)."""
+    from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+
+    no_decay = ParamKey(with_name_predicate=ParamWithNamePredicate(
+        name="no_weight_decay", fn=lambda param, name: not decays(name, param)))
+    return {no_decay: {"wd_mult": 0.0}}
+
+
+class MegatronDistributedAdam:
+    """Megatron-core's DistributedOptimizer (``optim.distributed``, GPU only): ZeRO-1 over the DP ranks.
+
+    Megatron DDP reduce-scatters the gradients, so each rank steps Adam on its slice of every bucket and
+    the updated parameters are all-gathered. Megatron keeps one optimizer for dense and one for expert
+    parameters (their DP groups differ) and computes the norm over the slices, each counted once. Clipping
+    stays ours: that norm joins the table's, and one scale is applied to both.
+    """
+
+    description = "Megatron DistributedOptimizer (Adam state sharded over DP ranks)"
+    kind = "megatron_distributed"
+
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig):
+        from megatron.core.optimizer import get_megatron_optimizer
+
+        config = megatron_optimizer_config(optim)
+        self.optimizer = get_megatron_optimizer(config, [model.grad_sync.ddp], config_overrides=megatron_decay_overrides(),
+                                                use_gloo_process_groups=False)
+        self.parts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        # Megatron's own LR scheduler sets weight_decay from wd_mult; we set it once here.
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = optim.weight_decay * group["wd_mult"]
+
+    def grad_norm_sq(self) -> torch.Tensor:
+        self.optimizer.prepare_grads()  # this rank's slice of the reduced buffers -> the fp32 main grads
+        return torch.tensor(float(self.optimizer.get_grad_norm()) ** 2, dtype=torch.float64)
+
+    def step(self, *, lr: float, clip_scale: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if clip_scale < 1.0:
+            for part in self.parts:
+                for param in part.get_parameters():
+                    if param.grad is not None:
+                        param.grad.mul_(clip_scale)
+        self.optimizer.step_with_ready_grads()  # Adam on the slices, then the parameter all-gather
+        self.zero_grad()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def sharded_state_dict(self, model_state: dict, *, loading: bool) -> dict:
+        return self.optimizer.sharded_state_dict(model_state, is_loading=loading)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+def configure_optimizer(model: torch.nn.Module, optim: OptimConfig, dims) -> TorchAdamW | MegatronDistributedAdam:
+    """The backbone optimizer (``optim.distributed`` picks Megatron's; ``build_model`` checked it has a GPU)."""
+    return MegatronDistributedAdam(model, optim) if optim.distributed else TorchAdamW(model, optim, dims)
 
 
 @dataclass(frozen=True)
@@ -68,7 +184,7 @@ def global_grad_norm(backbone_norm_sq: torch.Tensor, table_norm_sq: float, *, ta
     ``backbone_norm_sq`` is already global (parallel.backbone_grad_norm_sq); the table's is over the
     rows this rank owns and is summed over the table group here.
     """
-    backbone = backbone_norm_sq.clone()
+    backbone = backbone_norm_sq.detach().to("cpu", torch.float64)  # from the GPU when the backbone is there
     table = torch.tensor(float(table_norm_sq), dtype=torch.float64)
     if table_group is not None and dist.get_world_size(table_group) > 1:
         dist.all_reduce(table, group=table_group)

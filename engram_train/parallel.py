@@ -193,11 +193,15 @@ def on_any_rank(flag: bool, group=None) -> bool:
     return _agree(flag, dist.ReduceOp.MAX, group)
 
 
+def collective_device(group=None) -> str:
+    """Where a tensor for a collective over ``group`` must live: NCCL reduces GPU tensors only."""
+    return "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+
+
 def _agree(flag: bool, op, group) -> bool:
     if not (dist.is_initialized() and dist.get_world_size(group) > 1):
         return flag
-    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"  # NCCL reduces GPU tensors only
-    value = torch.tensor([int(flag)], dtype=torch.int, device=device)
+    value = torch.tensor([int(flag)], dtype=torch.int, device=collective_device(group))
     dist.all_reduce(value, op=op, group=group)
     return bool(value.item())
 
@@ -269,8 +273,9 @@ def backbone_grad_norm_sq(model: torch.nn.Module, dims: ParallelDims) -> torch.T
     """
     from megatron.core import parallel_state
 
-    dense = torch.zeros((), dtype=torch.float64)
-    expert = torch.zeros((), dtype=torch.float64)
+    device = next(model.parameters()).device  # NCCL reduces CUDA tensors only
+    dense = torch.zeros((), dtype=torch.float64, device=device)
+    expert = torch.zeros((), dtype=torch.float64, device=device)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     etp_rank = parallel_state.get_expert_tensor_parallel_rank()
     for param in model.parameters():

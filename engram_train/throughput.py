@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from engram_train.config import Config
+from engram_train.parallel import collective_device
 
 
 def activated_parameters(cfg: Config, vocab_size: int) -> int:
@@ -54,6 +55,7 @@ def memory_metrics() -> dict:
         values.append(torch.cuda.max_memory_allocated() / 2**20)
     local = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
+        local = local.to(collective_device())
         gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, local)
     else:

@@ -102,7 +102,7 @@ def train(cfg: Config) -> dict:
         plan = StepPlan.from_config(cfg, data_parallel_world=groups.data_parallel_world)
         hasher = build_hasher(cfg, dataset) if cfg.engram.enabled else None
         model = build_model(cfg, vocab_size=dataset.vocab_size, dims=dims)
-        optimizer = configure_optimizer(model, cfg.optim)
+        optimizer = configure_optimizer(model, cfg.optim, dims)
         schedule = LRSchedule.from_config(cfg.optim, tokens_per_step=plan.tokens_per_step, total_steps=plan.total_steps)
         table = build_table(cfg, hasher, groups.table) if hasher is not None else None
         prefetcher = None
@@ -153,6 +153,7 @@ def train(cfg: Config) -> dict:
             logger.print(f"table lookups {where} (engram.prefetch={cfg.engram.prefetch})")
         if dims.world > 1:
             logger.print(f"backbone gradients: {model.grad_sync.description} (parallel.grad_sync={cfg.parallel.grad_sync})")
+        logger.print(f"backbone optimizer: {optimizer.description} (optim.distributed={cfg.optim.distributed})")
         entropy = unigram_entropy(val_loader(with_hashes=False), plan.eval_batches, vocab_size=dataset.vocab_size)
 
         model_flops = flops_per_token(cfg, dataset.vocab_size)
@@ -165,9 +166,9 @@ def train(cfg: Config) -> dict:
         while state.step < plan.total_steps:
             lr, step_start = schedule(state.step), time.perf_counter()
             result = train_step(model, table, prefetcher, loader, plan, dims)
-            grad_norm = global_grad_norm(result.backbone_grad_norm_sq, result.table_grad_norm_sq, table_group=groups.table)
+            grad_norm = global_grad_norm(optimizer.grad_norm_sq(), result.table_grad_norm_sq, table_group=groups.table)
             if math.isfinite(result.loss) and math.isfinite(grad_norm):
-                apply_update(model, optimizer, table, lr=lr, table_lr=lr * cfg.engram.lr_multiplier,
+                apply_update(optimizer, table, lr=lr, table_lr=lr * cfg.engram.lr_multiplier,
                              clip_scale=clip_coefficient(grad_norm, cfg.optim.grad_clip), dims=dims)
             elif cfg.optim.on_nonfinite == "stop":
                 raise NonFiniteLossError(
@@ -175,7 +176,7 @@ def train(cfg: Config) -> dict:
                     f"{checkpointer.latest() or 'scratch'} with a lower optim.lr, check the data, or set optim.on_nonfinite=skip"
                 )
             else:
-                discard_gradients(model, optimizer, table)
+                discard_gradients(optimizer, table)
                 state.skipped_steps += 1
                 logger.print(f"[yellow]step {state.step}: non-finite loss={result.loss} grad_norm={grad_norm}; step skipped[/yellow]")
 

@@ -18,7 +18,6 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from engram_train.config import Config, ConfigError
 from engram_train.memory import UniqueIds
-from engram_train.parallel import backbone_grad_norm_sq
 
 
 @dataclass
@@ -86,7 +85,6 @@ class StepPlan:
 @dataclass
 class StepResult:
     loss: float
-    backbone_grad_norm_sq: torch.Tensor
     table_grad_norm_sq: float
     table_wait_s: float
     gate_means: dict = field(default_factory=dict)
@@ -182,30 +180,22 @@ def train_step(model, table, prefetcher, loader, plan: StepPlan, dims) -> StepRe
         loss /= dims.dp
     return StepResult(
         loss=float(loss),
-        backbone_grad_norm_sq=backbone_grad_norm_sq(model, dims),
         table_grad_norm_sq=table.grad_norm_sq() / dims.dp**2 if table is not None else 0.0,
         table_wait_s=table_wait_s,
         gate_means=model.gate_means(),
     )
 
 
-def apply_update(model, optimizer, table, *, lr: float, table_lr: float, clip_scale: float, dims) -> None:
-    """Clip (one scale for backbone and table), step AdamW and the table's sparse optimizer."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    if clip_scale < 1.0:
-        for param in model.parameters():
-            if param.grad is not None:
-                param.grad.mul_(clip_scale)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+def apply_update(optimizer, table, *, lr: float, table_lr: float, clip_scale: float, dims) -> None:
+    """Step the backbone optimizer and the table's sparse optimizer with one clip scale."""
+    optimizer.step(lr=lr, clip_scale=clip_scale)
     if table is not None:
         # Owners summed the row gradients of all DP replicas; the backbone's are averaged.
         table.step(table_lr, grad_scale=clip_scale / dims.dp)
 
 
-def discard_gradients(model, optimizer, table) -> None:
-    optimizer.zero_grad(set_to_none=True)
+def discard_gradients(optimizer, table) -> None:
+    optimizer.zero_grad()
     if table is not None:
         table.zero_grad()
 

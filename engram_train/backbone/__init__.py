@@ -10,12 +10,18 @@ import torch
 warnings.filterwarnings("ignore", module=r"megatron\..*")
 
 from engram_train.backbone.model import EngramLayout, EngramMoEModel
+from engram_train.config import ConfigError
 from engram_train.grad_sync import build_grad_sync
 
 
 def build_model(cfg, *, vocab_size: int, dims) -> EngramMoEModel:
     """Build the backbone for this rank's TP/EP shard; CPU compatibility is applied only without a GPU."""
     on_cpu = not torch.cuda.is_available()
+    if on_cpu and cfg.optim.distributed:
+        raise ConfigError(
+            "optim.distributed=true needs a GPU: Megatron-core's DistributedOptimizer allocates its state on CUDA "
+            "and none is available here. Set optim.distributed=false (torch AdamW, the CPU default)."
+        )
     if on_cpu:
         from engram_train.backbone.cpu_compat import apply_cpu_compat
 
@@ -39,7 +45,7 @@ def build_model(cfg, *, vocab_size: int, dims) -> EngramMoEModel:
     )
     if not on_cpu:
         model = model.cuda()
-    model.grad_sync = build_grad_sync(cfg.parallel.grad_sync, model, dims)
+    model.grad_sync = build_grad_sync(cfg.parallel.grad_sync, model, dims, distributed_optimizer=cfg.optim.distributed)
     return model
 
 

@@ -1,4 +1,4 @@
-"""The backbone's checkpoint as a layout-free sharded state dict (model + AdamW moments).
+"""The backbone's checkpoint as a layout-free sharded state dict (model + Adam moments).
 
 Megatron's ``sharded_state_dict`` names every tensor by its global key, shape and this rank's offset;
 Megatron's optimizer helpers attach the same sharding to each Adam moment. ``dist_checkpointing`` then
@@ -40,10 +40,10 @@ def _init_adam_state(optimizer: torch.optim.Optimizer) -> None:
             state["exp_avg_sq"] = torch.zeros_like(param)
 
 
-def backbone_sharded_state_dict(model, optimizer: torch.optim.Optimizer, *, loading: bool = False) -> dict:
+def adam_sharded_state_dict(optimizer: torch.optim.Optimizer, model_state: dict, *, loading: bool) -> dict:
+    """torch AdamW's state with each moment sharded like its parameter in ``model_state``."""
     if loading:
         _init_adam_state(optimizer)
-    model_state = _model_sharded_state_dict(model)
     optim_state = optimizer.state_dict()
     steps = {float(s["step"]) for s in optim_state["state"].values() if "step" in s}
     if len(steps) > 1:
@@ -51,15 +51,24 @@ def backbone_sharded_state_dict(model, optimizer: torch.optim.Optimizer, *, load
     id_map = get_param_id_to_sharded_param_map(model_state, _optimizer_params(optimizer))
     optim_state_to_sharding_state(optim_state, id_map, exclude_keys=("step",))
     optim_state["common_step"] = steps.pop() if steps else 0.0
-    return {"model": model_state, "optimizer": optim_state}
+    return optim_state
 
 
-def load_backbone(model, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    """Load the slices this rank owns, whatever layout wrote the checkpoint."""
-    loaded = dist_checkpointing.load(backbone_sharded_state_dict(model, optimizer, loading=True), str(directory))
-    model.load_state_dict(loaded["model"], strict=True)
-    optim_state = loaded["optimizer"]
+def load_adam_state_dict(optimizer: torch.optim.Optimizer, optim_state: dict) -> None:
     step = float(optim_state.pop("common_step"))
     for param_state in optim_state["state"].values():
         param_state["step"] = torch.tensor(step, dtype=torch.float32)
     optimizer.load_state_dict(optim_state)
+
+
+def backbone_sharded_state_dict(model, optimizer, *, loading: bool = False) -> dict:
+    """``optimizer`` is ``optim.TorchAdamW`` or ``optim.MegatronDistributedAdam``; each shards its own state."""
+    model_state = _model_sharded_state_dict(model)
+    return {"model": model_state, "optimizer": optimizer.sharded_state_dict(model_state, loading=loading)}
+
+
+def load_backbone(model, optimizer, directory: Path) -> None:
+    """Load the slices this rank owns, whatever layout wrote the checkpoint."""
+    loaded = dist_checkpointing.load(backbone_sharded_state_dict(model, optimizer, loading=True), str(directory))
+    model.load_state_dict(loaded["model"], strict=True)
+    optimizer.load_state_dict(loaded["optimizer"])

@@ -23,6 +23,8 @@ class MoELoadTracker:
     def _make_hook(self, index: int):
         def count(module, args, output):
             _, routing_map = output
+            if self.counts.device != routing_map.device:  # kept beside the model: no GPU->host sync per forward
+                self.counts = self.counts.to(routing_map.device)
             self.counts[index] += routing_map.detach().sum(dim=0).to(torch.float64)
 
         return count

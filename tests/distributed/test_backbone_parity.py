@@ -62,7 +62,7 @@ def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetc
         if grad_sync != "auto":
             expected = {"coalesced": "CoalescedGradSync", "megatron_ddp": "MegatronGradSync"}[grad_sync]
             assert type(model.grad_sync).__name__ == expected
-        optimizer = configure_optimizer(model, cfg.optim)
+        optimizer = configure_optimizer(model, cfg.optim, dims)
         table = ShardedEngramTable(hasher.num_rows, cfg.engram.head_dim, group=groups.table, lr=LR * 5,
                                    betas=(0.9, 0.95), seed=0, use_cpu_adam=False)
         prefetcher = TablePrefetcher(table) if prefetch else None
@@ -78,13 +78,9 @@ def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetc
         batches, losses = loader(), []
         for _ in range(STEPS):
             result = train_step(model, table, prefetcher, batches, plan, dims)
-            norm = global_grad_norm(result.backbone_grad_norm_sq, result.table_grad_norm_sq, table_group=groups.table)
+            norm = global_grad_norm(optimizer.grad_norm_sq(), result.table_grad_norm_sq, table_group=groups.table)
             scale = clip_coefficient(norm, 1.0)
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.step(lr=LR, clip_scale=scale)
             table.step(LR * 5, grad_scale=scale / dims.dp)
             losses.append((result.loss, norm))
         if prefetcher is not None:

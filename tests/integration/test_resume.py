@@ -208,12 +208,12 @@ def _load_in_one_process(cfg, path: Path) -> tuple[dict, dict]:
         model = build_model(cfg, vocab_size=dataset.vocab_size, dims=dims)
         table = build_table(cfg, hasher, groups.table)
         checkpointer = Checkpointer(path.parent.parent, rank=0, world=1, keep=2)
-        return checkpointer.load(path, model=model, optimizer=configure_optimizer(model, cfg.optim), table=table, dp_rank=0)
+        return checkpointer.load(path, model=model, optimizer=configure_optimizer(model, cfg.optim, dims), table=table, dp_rank=0)
     finally:
         destroy_process_groups()
 
 
-def test_half_written_checkpoints_are_ignored(tiny_config, tmp_path):
+def test_half_written_checkpoints_are_ignored_and_another_optimizers_state_is_refused(tiny_config, tmp_path):
     cfg = tiny_config(f"experiment.total_tokens={4 * 1024}", "experiment.checkpoint_every=2", "experiment.wandb.mode=disabled")
     train(cfg)
     root = Path(cfg.experiment.run_dir) / "checkpoints"
@@ -228,6 +228,13 @@ def test_half_written_checkpoints_are_ignored(tiny_config, tmp_path):
         checkpointer.load(root / "step_00000008", model=None, optimizer=None, table=None, dp_rank=0)
     with pytest.raises(CheckpointError, match="no COMPLETE marker"):
         checkpointer.load(root / "missing", model=None, optimizer=None, table=None, dp_rank=0)
+    # Optimizer state of the other format (optim.distributed) is refused with the setting that reads it.
+    meta = json.loads((complete / "meta.json").read_text())
+    assert meta["backbone_optimizer"] == "torch_adamw"
+    (complete / "meta.json").write_text(json.dumps({**meta, "backbone_optimizer": "megatron_distributed"}))
+    with pytest.raises(CheckpointError, match="state is megatron_distributed, this run's optimizer is torch_adamw; "
+                                              "resume with optim.distributed=true"):
+        _load_in_one_process(cfg, complete)
 
 
 def _global_tensors(backbone: Path) -> dict[str, torch.Tensor]:
@@ -250,12 +257,13 @@ def _resave_at_world_one(cfg, source: Path, target_run: Path) -> Path:
     from engram_train.parallel import ParallelDims, destroy_process_groups, init_process_groups
     from engram_train.train import build_hasher, build_table
 
-    groups = init_process_groups(ParallelDims.from_config(cfg))
+    dims = ParallelDims.from_config(cfg)
+    groups = init_process_groups(dims)
     try:
         dataset = open_dataset(cfg.data)
         hasher = build_hasher(cfg, dataset)
-        model = build_model(cfg, vocab_size=dataset.vocab_size, dims=ParallelDims.from_config(cfg))
-        optimizer = configure_optimizer(model, cfg.optim)
+        model = build_model(cfg, vocab_size=dataset.vocab_size, dims=dims)
+        optimizer = configure_optimizer(model, cfg.optim, dims)
         table = build_table(cfg, hasher, groups.table)
         checkpointer = Checkpointer(target_run, rank=0, world=1, keep=1)
         state, meta = checkpointer.load(source, model=model, optimizer=optimizer, table=table, dp_rank=0)

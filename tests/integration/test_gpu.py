@@ -1,0 +1,47 @@
+"""The GPU path: the backbone on CUDA (NCCL group), rows copied to and from the GPU, Megatron DDP, and
+Megatron's DistributedOptimizer (``optim.distributed``). Skipped without CUDA: CI has no GPU, so these run
+whenever a GPU machine is lent (``pytest tests/integration/test_gpu.py`` there)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from engram_train.train import train
+
+from .test_resume import _losses
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")]
+
+STEPS = 10
+
+
+def _config(tiny_config, run_dir, *extra: str):
+    return tiny_config(f"experiment.run_dir={run_dir}", f"experiment.total_tokens={STEPS * 1024}",
+                       "experiment.log_every=1", "experiment.eval_every=1000", "experiment.wandb.mode=disabled", *extra)
+
+
+def test_distributed_optimizer_follows_the_torch_adamw_curve_on_gpu(tiny_config, tmp_path):
+    """Same model and data, Megatron DDP in both: only the optimizer differs, so the curves agree up to GPU
+    reduction order. Rows come from the host table each micro-batch, so this also runs the CUDA copies."""
+    reference = train(_config(tiny_config, tmp_path / "torch", "parallel.grad_sync=megatron_ddp"))
+    distributed = train(_config(tiny_config, tmp_path / "dist", "optim.distributed=true"))
+    assert reference["steps"] == distributed["steps"] == STEPS
+    torch_losses, dist_losses = _losses(tmp_path / "torch"), _losses(tmp_path / "dist")
+    assert len(torch_losses) == STEPS and np.isfinite(dist_losses).all()
+    np.testing.assert_allclose(dist_losses, torch_losses, rtol=2e-3)
+    assert dist_losses[-1] < dist_losses[0]
+
+
+def test_distributed_optimizer_checkpoint_resumes_the_same_curve_on_gpu(tiny_config, tmp_path):
+    whole = tmp_path / "whole"
+    train(_config(tiny_config, whole, "optim.distributed=true", "experiment.checkpoint_every=5"))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole / "checkpoints" / "step_00000005", resumed / "checkpoints" / "step_00000005")
+    summary = train(_config(tiny_config, resumed, "optim.distributed=true", "experiment.checkpoint_every=5"))
+    assert summary["steps"] == STEPS
+    np.testing.assert_allclose(_losses(resumed), _losses(whole)[5:], rtol=1e-4)
