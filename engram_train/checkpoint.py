@@ -135,7 +135,7 @@ class Checkpointer:
         _barrier()
         _shield_checkpoint_writer()
         meta = {**meta, "step": step, "world": self.world, "dp_rank_of_rank": _gather_objects(rank_state["dp_rank"]),
-                "backbone_optimizer": optimizer.kind}
+                "backbone_optimizer": optimizer.kind, "backbone_optimizer_layout": optimizer.fixed_layout}
         backbone = backbone_sharded_state_dict(model, optimizer)
         if not self.async_save:
             with _forked_writers_die_with_trainer():
@@ -220,6 +220,13 @@ class Checkpointer:
             raise CheckpointError(
                 f"{path}: its backbone optimizer state is {saved_optimizer}, this run's optimizer is {optimizer.kind}; "
                 f"resume with optim.distributed={setting.get(saved_optimizer, '?')} as the run that wrote it"
+            )
+        saved_layout = meta.get("backbone_optimizer_layout")
+        if saved_layout is not None and saved_layout != optimizer.fixed_layout:
+            raise CheckpointError(
+                f"{path}: its distributed-optimizer state was written at parallel.tp={saved_layout['tp']} "
+                f"parallel.ep={saved_layout['ep']} and loads only there (this run: {optimizer.fixed_layout}); "
+                "resume with those settings"
             )
         load_backbone(model, optimizer, path / "backbone")
         if table is not None:

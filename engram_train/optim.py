@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from engram_train.backbone.checkpoint import adam_sharded_state_dict, load_adam_state_dict
+from engram_train.backbone.checkpoint import adam_sharded_state_dict, init_adam_state, load_adam_state_dict
 from engram_train.config import OptimConfig
 from engram_train.parallel import backbone_grad_norm_sq
 
@@ -36,6 +36,8 @@ class TorchAdamW:
     description = "torch AdamW (Adam state replicated on every DP rank)"
     #: Names the checkpoint format of the optimizer state (``Checkpointer`` refuses a mismatch).
     kind = "torch_adamw"
+    #: The TP/EP layout a checkpoint of this state must be resumed at; None: any (moments are in model space).
+    fixed_layout = None
 
     def __init__(self, model: torch.nn.Module, optim: OptimConfig, dims):
         self.model, self.dims = model, dims
@@ -93,6 +95,13 @@ def megatron_decay_overrides() -> dict:
     return {no_decay: {"wd_mult": 0.0}}
 
 
+# Each rank saves and loads its own slices, no communication; the TP/EP layout must stay (``fixed_layout``).
+# In megatron-core 0.16.1 with torch's Adam (no Apex/TE) the layout-free formats fail: the default
+# (fully_sharded_model_space) uses flattened ranges its dist_checkpointing rejects, and fully_reshardable
+# fails to load torch Adam's per-parameter "step".
+_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
 class MegatronDistributedAdam:
     """Megatron-core's DistributedOptimizer (``optim.distributed``, GPU only): ZeRO-1 over the DP ranks.
 
@@ -106,7 +115,11 @@ class MegatronDistributedAdam:
     kind = "megatron_distributed"
 
     def __init__(self, model: torch.nn.Module, optim: OptimConfig):
+        from megatron.core import parallel_state
         from megatron.core.optimizer import get_megatron_optimizer
+
+        self.fixed_layout = {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+                             "ep": parallel_state.get_expert_model_parallel_world_size()}
 
         config = megatron_optimizer_config(optim)
         self.optimizer = get_megatron_optimizer(config, [model.grad_sync.ddp], config_overrides=megatron_decay_overrides(),
@@ -135,10 +148,28 @@ class MegatronDistributedAdam:
         self.optimizer.zero_grad(set_to_none=True)
 
     def sharded_state_dict(self, model_state: dict, *, loading: bool) -> dict:
-        return self.optimizer.sharded_state_dict(model_state, is_loading=loading)
+        if loading:
+            # A fresh torch Adam has no state, and Megatron (without Apex/TE) reads the step count from it.
+            for part in self.parts:
+                if part.optimizer is not None:
+                    init_adam_state(part.optimizer)
+        return self.optimizer.sharded_state_dict(model_state, is_loading=loading, metadata=_SHARDING)
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
+        with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
+            self.optimizer.load_state_dict(state)
+        # Without Apex/TE, Megatron keeps torch Adam's step count in the param groups of the checkpoint, but
+        # its per-slice state load then writes back the step of the blank state it loaded into (0), and where
+        # it does set the step it shares one tensor between all parameters (torch increments each in place).
+        # Either breaks Adam's bias correction after a resume: give every parameter its group's step.
+        for part in self.parts:
+            if part.optimizer is None:
+                continue
+            for group in part.optimizer.param_groups:
+                for param in group["params"]:
+                    param_state = part.optimizer.state.get(param)
+                    if param_state and "step" in param_state and "step" in group:
+                        param_state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
 
 def configure_optimizer(model: torch.nn.Module, optim: OptimConfig, dims) -> TorchAdamW | MegatronDistributedAdam:

@@ -30,7 +30,7 @@ def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Paramet
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def _init_adam_state(optimizer: torch.optim.Optimizer) -> None:
+def init_adam_state(optimizer: torch.optim.Optimizer) -> None:
     """Give every parameter zero moments so a checkpoint's moments have tensors to load into."""
     for param in _optimizer_params(optimizer):
         state = optimizer.state[param]
@@ -43,7 +43,7 @@ def _init_adam_state(optimizer: torch.optim.Optimizer) -> None:
 def adam_sharded_state_dict(optimizer: torch.optim.Optimizer, model_state: dict, *, loading: bool) -> dict:
     """torch AdamW's state with each moment sharded like its parameter in ``model_state``."""
     if loading:
-        _init_adam_state(optimizer)
+        init_adam_state(optimizer)
     optim_state = optimizer.state_dict()
     steps = {float(s["step"]) for s in optim_state["state"].values() if "step" in s}
     if len(steps) > 1:

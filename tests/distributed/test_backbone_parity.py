@@ -10,6 +10,8 @@ over replicas legitimately changes that term (as in any Megatron run); everythin
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,7 @@ from tests.distributed.spawn import run_ranks
 pytestmark = pytest.mark.slow
 
 STEPS, SEQ, GLOBAL_MICRO, ACCUM, VOCAB, LR = 5, 32, 8, 2, 512, 3e-3
+RESUME_AT = 3
 
 
 def _global_batches():
@@ -30,13 +33,35 @@ def _global_batches():
         yield torch.stack([base[(s + torch.arange(SEQ + 1)) % 64] for s in starts])
 
 
-def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetch: bool = False,
-         grad_sync: str = "auto"):
+def _backbone(cfg, dims, grad_sync: str):
+    """Model and optimizer. ``distributed_optimizer`` wires by hand what ``build_model`` does for
+    ``optim.distributed`` on a GPU, with Megatron's CUDA spots redirected (``cuda_on_cpu``)."""
     from engram_train.backbone import build_model
+    from engram_train.grad_sync import MegatronGradSync
+    from engram_train.optim import MegatronDistributedAdam, configure_optimizer
+
+    if grad_sync != "distributed_optimizer":
+        model = build_model(cfg, vocab_size=VOCAB, dims=dims)
+        if grad_sync != "auto":
+            expected = {"coalesced": "CoalescedGradSync", "megatron_ddp": "MegatronGradSync"}[grad_sync]
+            assert type(model.grad_sync).__name__ == expected
+        return model, configure_optimizer(model, cfg.optim, dims)
+    from tests.distributed.cuda_on_cpu import redirect_megatron_cuda_to_cpu
+
+    redirect_megatron_cuda_to_cpu()
+    cfg.parallel.grad_sync = "coalesced"  # no DDP from build_model: the reduce-scatter one is attached here
+    model = build_model(cfg, vocab_size=VOCAB, dims=dims)
+    model.grad_sync = MegatronGradSync(model, distributed_optimizer=True)
+    return model, MegatronDistributedAdam(model, cfg.optim)
+
+
+def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetch: bool = False,
+         grad_sync: str = "auto", resume_dir: str | None = None):
+    from engram_train.checkpoint import Checkpointer
     from engram_train.config import Config, validate
     from engram_train.engram import NgramHasher
     from engram_train.memory import ShardedEngramTable, TablePrefetcher, UniqueIds
-    from engram_train.optim import clip_coefficient, configure_optimizer, global_grad_norm
+    from engram_train.optim import clip_coefficient, global_grad_norm
     from engram_train.parallel import ParallelDims, destroy_process_groups, init_process_groups
     from engram_train.train_step import StepPlan, train_step
 
@@ -44,7 +69,8 @@ def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetc
     cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads = 2, 64, 4
     cfg.model.num_experts, cfg.model.moe_ffn_hidden_size, cfg.model.ffn_hidden_size = 4, 32, 64
     cfg.engram.layers, cfg.engram.heads_per_order, cfg.engram.head_dim, cfg.engram.rows_per_head = [1], 2, 8, 257
-    cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.grad_sync = tp, ep, grad_sync
+    cfg.parallel.tp, cfg.parallel.ep = tp, ep
+    cfg.parallel.grad_sync = "megatron_ddp" if grad_sync == "distributed_optimizer" else grad_sync
     cfg.data.seq_len = SEQ
     dp = world // tp
     cfg.experiment.micro_batch_size = GLOBAL_MICRO // dp
@@ -58,11 +84,7 @@ def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetc
     try:
         torch.manual_seed(0)
         hasher = NgramHasher.from_config(cfg.engram, np.arange(VOCAB, dtype=np.int64), pad_token_id=0)
-        model = build_model(cfg, vocab_size=VOCAB, dims=dims)
-        if grad_sync != "auto":
-            expected = {"coalesced": "CoalescedGradSync", "megatron_ddp": "MegatronGradSync"}[grad_sync]
-            assert type(model.grad_sync).__name__ == expected
-        optimizer = configure_optimizer(model, cfg.optim, dims)
+        model, optimizer = _backbone(cfg, dims, grad_sync)
         table = ShardedEngramTable(hasher.num_rows, cfg.engram.head_dim, group=groups.table, lr=LR * 5,
                                    betas=(0.9, 0.95), seed=0, use_cpu_adam=False)
         prefetcher = TablePrefetcher(table) if prefetch else None
@@ -76,7 +98,14 @@ def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetc
                 yield {"tokens": mine, "hash_ids": hash_ids, "hash_unique": UniqueIds.of(hash_ids) if prefetch else None}
 
         batches, losses = loader(), []
-        for _ in range(STEPS):
+        for step in range(STEPS):
+            if resume_dir is not None and step == RESUME_AT:
+                # Through a real checkpoint on disk into a fresh model and optimizer, as a restarted job does.
+                checkpointer = Checkpointer(resume_dir, rank=rank, world=world, keep=1)
+                path = checkpointer.save(step, model=model, optimizer=optimizer, table=table,
+                                         rank_state={"dp_rank": dp_rank}, meta={})
+                model, optimizer = _backbone(cfg, dims, grad_sync)
+                checkpointer.load(path, model=model, optimizer=optimizer, table=table, dp_rank=dp_rank)
             result = train_step(model, table, prefetcher, batches, plan, dims)
             norm = global_grad_norm(optimizer.grad_norm_sq(), result.table_grad_norm_sq, table_group=groups.table)
             scale = clip_coefficient(norm, 1.0)
@@ -110,8 +139,21 @@ def _reference(aux_loss_coeff: float) -> torch.Tensor:
     ids=["tp2", "ep2-prefetch", "tp2-ep2-prefetch", "tp2-ep2-megatron-ddp", "dp4-ep2-megatron-ddp-prefetch"],
 )
 def test_losses_match_single_process(world, tp, ep, aux_loss_coeff, prefetch, grad_sync):
-    reference = _reference(aux_loss_coeff)
-    results = run_ranks(world, _run, tp, ep, aux_loss_coeff, prefetch, grad_sync)
+    _assert_match(run_ranks(world, _run, tp, ep, aux_loss_coeff, prefetch, grad_sync), _reference(aux_loss_coeff))
+
+
+def test_distributed_optimizer_matches_single_process_adamw_across_a_resume(tmp_path):
+    """Megatron's DistributedOptimizer at DP=4 (dense slices over 4 ranks, expert slices over the EP=2
+    expert-DP group of 2), saved after step 3 and loaded into a fresh model and optimizer, follows the
+    one-process AdamW run: slices, norm, clip, all-gather and the sharded checkpoint are all right."""
+    results = run_ranks(4, _run, 1, 2, 0.0, False, "distributed_optimizer", str(tmp_path))
+    _assert_match(results, _reference(0.0))
+    meta = json.loads(next((tmp_path / "checkpoints").glob("step_*/meta.json")).read_text())
+    assert meta["backbone_optimizer"] == "megatron_distributed"
+    assert meta["backbone_optimizer_layout"] == {"tp": 1, "ep": 2}
+
+
+def _assert_match(results: list[torch.Tensor], reference: torch.Tensor) -> None:
     for rank, result in enumerate(results):
         np.testing.assert_allclose(result[:, 0], reference[:, 0], rtol=0, atol=1e-5, err_msg=f"loss, rank {rank}")
         np.testing.assert_allclose(result[:, 1], reference[:, 1], rtol=1e-4, err_msg=f"grad norm, rank {rank}")
