@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	# torch is pinned in the same pip call: a bare requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0 -e '.[test]'
+	# Build DeepSpeed's CPU Adam (the table's optimizer) now, into the cache, not inside the first run or test.
+	$(PY) -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(verbose=False)"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -151,7 +151,7 @@ class MegatronDistributedAdam:
         if loading:
             # A fresh torch Adam has no state, and Megatron (without Apex/TE) reads the step count from it.
             for part in self.parts:
-                if part.optimizer is not None:
+                if isinstance(part.optimizer, (torch.optim.Adam, torch.optim.AdamW)):  # not TE's FusedAdam
                     init_adam_state(part.optimizer)
         return self.optimizer.sharded_state_dict(model_state, is_loading=loading, metadata=_SHARDING)
 
