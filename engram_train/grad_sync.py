@@ -41,9 +41,8 @@ class CoalescedGradSync:
 class MegatronGradSync:
     """Megatron's DDP held beside the model, not around it: checkpoints, hooks and attribute access see the
     same module whichever strategy runs. After ``finish`` every ``param.grad`` is its reduced ``main_grad``
-    (a view into the bucket buffer), so the torch optimizer, clipping and the grad norm read them as usual."""
-
-    description = "Megatron DistributedDataParallel, fp32 bucket all-reduces overlapped with the backward"
+    (a view into the bucket buffer), so the torch optimizer, clipping and the grad norm read them as usual;
+    for the distributed optimizer the buckets are reduce-scattered and it reads its slices itself."""
 
     def __init__(self, model: torch.nn.Module, *, distributed_optimizer: bool = False):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -54,9 +53,8 @@ class MegatronGradSync:
         self.ddp = DistributedDataParallel(model.config, ddp_config, module=model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.distributed_optimizer = distributed_optimizer
-        if distributed_optimizer:
-            self.description = ("Megatron DistributedDataParallel, fp32 bucket reduce-scatters overlapped with the "
-                                "backward, for the distributed optimizer")
+        reduce = "reduce-scatters (for the distributed optimizer)" if distributed_optimizer else "all-reduces"
+        self.description = f"Megatron DistributedDataParallel, fp32 bucket {reduce} overlapped with the backward"
 
     def start(self) -> None:
         # The last step's grads are views into the buffer: drop them before it is zeroed, or autograd

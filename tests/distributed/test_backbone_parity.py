@@ -49,7 +49,6 @@ def _backbone(cfg, dims, grad_sync: str):
     from tests.distributed.cuda_on_cpu import redirect_megatron_cuda_to_cpu
 
     redirect_megatron_cuda_to_cpu()
-    cfg.parallel.grad_sync = "coalesced"  # no DDP from build_model: the reduce-scatter one is attached here
     model = build_model(cfg, vocab_size=VOCAB, dims=dims)
     model.grad_sync = MegatronGradSync(model, distributed_optimizer=True)
     return model, MegatronDistributedAdam(model, cfg.optim)
@@ -70,7 +69,8 @@ def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetc
     cfg.model.num_experts, cfg.model.moe_ffn_hidden_size, cfg.model.ffn_hidden_size = 4, 32, 64
     cfg.engram.layers, cfg.engram.heads_per_order, cfg.engram.head_dim, cfg.engram.rows_per_head = [1], 2, 8, 257
     cfg.parallel.tp, cfg.parallel.ep = tp, ep
-    cfg.parallel.grad_sync = "megatron_ddp" if grad_sync == "distributed_optimizer" else grad_sync
+    # distributed_optimizer: no DDP from build_model, the reduce-scatter one is attached in _backbone.
+    cfg.parallel.grad_sync = "coalesced" if grad_sync == "distributed_optimizer" else grad_sync
     cfg.data.seq_len = SEQ
     dp = world // tp
     cfg.experiment.micro_batch_size = GLOBAL_MICRO // dp
