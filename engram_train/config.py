@@ -59,14 +59,22 @@ class EngramConfig:
     heads_per_order: int = 8
     #: Embedding width of one head; a layer's memory vector is heads x orders x head_dim.
     head_dim: int = 32
-    #: Target rows of one head table; the real size is the next unused prime at or above it.
-    rows_per_head: int = 4099
+    #: Target rows of one head table; the real size is the next unused prime at or above it. One int for
+    #: every order, or a list with one target per entry of ngram_orders (the demo's engram_vocab_size).
+    rows_per_head: Any = 4099
     #: Seed of the hash multipliers (layer l uses seed + 10007 * l).
     seed: int = 0
     #: Short causal depthwise conv kernel; its dilation is the largest n-gram order.
     conv_kernel_size: int = 4
     #: Apply sign(x)*sqrt(|x|) to the gate logit before the sigmoid, as the released demo does.
     gate_signed_sqrt: bool = True
+    #: Bias on the key and value projections (the demo's nn.Linear layers have one).
+    projection_bias: bool = True
+    #: Control run without memory: keep the Engram block but map every n-gram of a head to that head's
+    #: single row, so the table holds exactly one row per (layer, order, head) and the block sees one
+    #: learned vector per head whatever the context. Compares "Engram's parameters and compute" with
+    #: "Engram's memory"; rows_per_head is ignored.
+    null_memory: bool = False
     #: Learning-rate multiplier of the table (paper: 5x the backbone's).
     lr_multiplier: float = 5.0
     #: Table optimizer: adam (2 states per element), rowwise_adam, rowwise_adagrad (1 scalar per row).
@@ -285,7 +293,16 @@ def validate(cfg: Config) -> None:
         _check(len(set(e.ngram_orders)) == len(e.ngram_orders), "engram.ngram_orders", list(e.ngram_orders), "orders must be distinct")
         _check(e.heads_per_order >= 1, "engram.heads_per_order", e.heads_per_order, "must be >= 1")
         _check(e.head_dim >= 1, "engram.head_dim", e.head_dim, "must be >= 1")
-        _check(e.rows_per_head >= 2, "engram.rows_per_head", e.rows_per_head, "must be >= 2")
+        rows = e.rows_per_head
+        if isinstance(rows, (list, tuple)):
+            _check(len(rows) == len(e.ngram_orders), "engram.rows_per_head", list(rows),
+                   f"give one target per n-gram order ({len(e.ngram_orders)} for engram.ngram_orders={list(e.ngram_orders)}) or a single int")
+            for r in rows:
+                _check(isinstance(r, int) and not isinstance(r, bool) and r >= 2, "engram.rows_per_head", list(rows),
+                       "every target must be an int >= 2")
+        else:
+            _check(isinstance(rows, int) and not isinstance(rows, bool) and rows >= 2, "engram.rows_per_head", rows,
+                   "must be an int >= 2 or a list of them, one per n-gram order")
         _check(e.conv_kernel_size >= 1, "engram.conv_kernel_size", e.conv_kernel_size, "must be >= 1")
         _check(e.lr_multiplier > 0, "engram.lr_multiplier", e.lr_multiplier, "must be > 0")
         _check(e.init_std > 0, "engram.init_std", e.init_std, "must be > 0")

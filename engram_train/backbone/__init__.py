@@ -37,6 +37,7 @@ def build_model(cfg, *, vocab_size: int, dims) -> EngramMoEModel:
         vocab_size=padded_vocab,
         seq_len=cfg.data.seq_len,
         gate_signed_sqrt=cfg.engram.gate_signed_sqrt,
+        projection_bias=cfg.engram.projection_bias,
         conv_kernel_size=cfg.engram.conv_kernel_size,
         tp=dims.tp,
         ep=dims.ep,

@@ -109,6 +109,7 @@ class EngramMoEModel(nn.Module):
         vocab_size: int,
         seq_len: int,
         gate_signed_sqrt: bool = True,
+        projection_bias: bool = True,
         conv_kernel_size: int = 4,
         tp: int = 1,
         ep: int = 1,
@@ -149,6 +150,7 @@ class EngramMoEModel(nn.Module):
                     max_order=layout.max_order,
                     kernel_size=conv_kernel_size,
                     gate_signed_sqrt=gate_signed_sqrt,
+                    projection_bias=projection_bias,
                 )
         for param in self.engram_blocks.parameters():
             # Under SP each TP rank applies the block to its slice of the sequence: grads are partial.

@@ -2,9 +2,10 @@
 
 Follows ``NgramHashMapping`` of DeepSeek's released ``engram_demo_v1.py``: compressed ids, suffix
 n-grams left-padded with the compressed pad id, a multiplicative-XOR mix with odd per-layer
-multipliers, and one distinct prime modulus per (layer, order, head). Unlike the demo, every head
-of every layer addresses one stacked logical table, so the ids are global rows that the sharded
-table (``memory/``) can bucketize by owner without knowing the layout.
+multipliers, and one distinct prime modulus per (layer, order, head). Given the demo's configuration
+the ids are the demo's plus a per-head offset (tests/unit/test_engram_demo_parity.py pins them):
+every head of every layer addresses one stacked logical table, so the ids are global rows that the
+sharded table (``memory/``) can bucketize by owner without knowing the layout.
 
 The ids depend only on token ids, so data loader workers compute them; the hasher is a plain
 picklable object for that reason.
@@ -66,7 +67,9 @@ class NgramHasher:
     head ``j`` of layer ``l``; ``layer_row_ranges[l]`` is the contiguous block of layer ``l``.
 
     ``pad_token_id`` is a raw id (normally ``<|endoftext|>``); its compressed id stands for the
-    positions before the sequence start.
+    positions before the sequence start. ``rows_per_head`` is one target for every order or one per
+    order (the demo's ``engram_vocab_size``). ``null_memory`` gives every head a single row, so
+    every n-gram maps to its head's offset (a control without memory).
     """
 
     def __init__(
@@ -74,11 +77,12 @@ class NgramHasher:
         compression_table: np.ndarray,
         ngram_orders: Sequence[int] = (2, 3),
         heads_per_order: int = 8,
-        rows_per_head: int = 4099,
+        rows_per_head: int | Sequence[int] = 4099,
         layers: Sequence[int] = (1,),
         seed: int = 0,
         *,
         pad_token_id: int,
+        null_memory: bool = False,
     ) -> None:
         table = np.array(compression_table, dtype=np.int64)
         if table.ndim != 1 or table.size == 0 or table.min() < 0:
@@ -87,9 +91,11 @@ class NgramHasher:
             raise ValueError(f"ngram_orders={list(ngram_orders)} must be distinct orders >= 1")
         if not layers or len(set(layers)) != len(layers):
             raise ValueError(f"layers={list(layers)} must be a non-empty list of distinct layer indices")
-        if heads_per_order < 1 or rows_per_head < 2:
+        rows = [rows_per_head] * len(ngram_orders) if isinstance(rows_per_head, (int, np.integer)) else list(rows_per_head)
+        if heads_per_order < 1 or len(rows) != len(ngram_orders) or min(rows) < 2:
             raise ValueError(
-                f"need heads_per_order >= 1 and rows_per_head >= 2, got {heads_per_order} and {rows_per_head}"
+                f"need heads_per_order >= 1 and rows_per_head >= 2 (one int, or one per order of {list(ngram_orders)}), "
+                f"got {heads_per_order} and {rows_per_head}"
             )
         if not 0 <= pad_token_id < table.size:
             raise ValueError(f"pad_token_id={pad_token_id} is outside the vocabulary [0, {table.size})")
@@ -101,7 +107,8 @@ class NgramHasher:
         self.max_order = max(self.ngram_orders)
         self.heads_per_order = int(heads_per_order)
         self.heads_total = len(self.ngram_orders) * self.heads_per_order
-        self.rows_per_head = int(rows_per_head)
+        self.rows_per_order = tuple(int(r) for r in rows)
+        self.null_memory = bool(null_memory)
         self.layers = tuple(int(layer) for layer in layers)
         self.num_layers = len(self.layers)
         self.seed = int(seed)
@@ -130,6 +137,7 @@ class NgramHasher:
             layers=list(engram_cfg.layers),
             seed=engram_cfg.seed,
             pad_token_id=pad_token_id,
+            null_memory=engram_cfg.null_memory,
         )
 
     def _draw_multipliers(self) -> np.ndarray:
@@ -147,15 +155,18 @@ class NgramHasher:
         return np.stack(rows)
 
     def _assign_primes(self) -> np.ndarray:
-        """[num_layers, heads_total] distinct primes >= rows_per_head, searched upward as the demo does.
+        """[num_layers, heads_total] distinct primes >= the order's row target, searched upward as the demo
+        does (one set of used primes across every layer and order); all ones with ``null_memory``.
 
         Distinct moduli keep two heads from colliding on the same n-gram pairs.
         """
+        if self.null_memory:
+            return np.ones((self.num_layers, self.heads_total), dtype=np.int64)
         used: set[int] = set()
         sizes = np.empty((self.num_layers, self.heads_total), dtype=np.int64)
         for li in range(self.num_layers):
             for oi in range(len(self.ngram_orders)):
-                start = self.rows_per_head - 1
+                start = self.rows_per_order[oi] - 1
                 for h in range(self.heads_per_order):
                     start = next_unused_prime(start, used)
                     used.add(start)
@@ -169,7 +180,8 @@ class NgramHasher:
             "scheme": HASH_SCHEME,
             "ngram_orders": list(self.ngram_orders),
             "heads_per_order": self.heads_per_order,
-            "rows_per_head": self.rows_per_head,
+            "rows_per_head": list(self.rows_per_order),
+            "null_memory": self.null_memory,
             "layers": list(self.layers),
             "seed": self.seed,
             "pad_id": self.pad_id,

@@ -56,7 +56,8 @@ class EngramBlock(nn.Module):
     The gate lets the hidden state veto memory rows that hash collisions or an unhelpful n-gram
     brought in; the conv (dilation = largest n-gram order) lets neighbouring n-gram memories mix.
     ``gate_signed_sqrt`` applies sign(x) * sqrt(|x|) to the gate logit, as the released demo does,
-    which keeps the sigmoid out of saturation when the dot product grows.
+    which keeps the sigmoid out of saturation when the dot product grows. ``projection_bias`` puts a
+    bias on W_K and W_V, as the demo's ``nn.Linear`` layers have.
     """
 
     def __init__(
@@ -66,13 +67,14 @@ class EngramBlock(nn.Module):
         max_order: int,
         kernel_size: int = 4,
         gate_signed_sqrt: bool = True,
+        projection_bias: bool = True,
     ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.memory_dim = memory_dim
         self.gate_signed_sqrt = gate_signed_sqrt
-        self.key_proj = nn.Linear(memory_dim, hidden_size, bias=False)
-        self.value_proj = nn.Linear(memory_dim, hidden_size, bias=False)
+        self.key_proj = nn.Linear(memory_dim, hidden_size, bias=projection_bias)
+        self.value_proj = nn.Linear(memory_dim, hidden_size, bias=projection_bias)
         self.query_norm = nn.RMSNorm(hidden_size)
         self.key_norm = nn.RMSNorm(hidden_size)
         self.conv_norm = nn.RMSNorm(hidden_size, eps=1e-5)

@@ -2,7 +2,9 @@
 
 Byte-level BPE spends many ids on spellings of one word ("The", " the", "THE"). Engram hashes
 n-grams of canonical ids so those spellings share memory rows; the paper cuts a 128k vocabulary
-by ~23% this way. The normalisation follows DeepSeek's released demo (``CompressedTokenizer``).
+by ~23% this way. The table equals the one built by ``CompressedTokenizer`` of DeepSeek's released
+demo (``engram_demo_v1.py``) id for id; tests/unit/test_engram_demo_parity.py pins it on GPT-2's and
+DeepSeek-V3's vocabularies.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ _NORMALIZER = normalizers.Sequence(
         normalizers.NFD(),
         normalizers.StripAccents(),
         normalizers.Lowercase(),
-        normalizers.Replace(Regex(r"\s+"), " "),
+        # Only ASCII space, tab, CR and LF collapse, as in the demo: a token of vertical tab, form feed,
+        # U+0085 or U+2028 keeps its own id rather than joining the space group.
+        normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
         normalizers.Replace(Regex(r"^ $"), _SENTINEL),
         normalizers.Strip(),
         normalizers.Replace(_SENTINEL, " "),
@@ -31,18 +35,19 @@ _NORMALIZER = normalizers.Sequence(
 )
 
 
-def canonical_key(tokenizer: Tokenizer, token_id: int) -> tuple[str, str]:
+def canonical_key(tokenizer: Tokenizer, token_id: int) -> str:
     """The string that decides which raw ids share a canonical id.
 
     A byte-level piece that is not valid UTF-8 on its own decodes to U+FFFD; normalising that would
-    merge every such piece into one id, so it keeps its vocabulary string instead. The tag keeps
-    such a raw string from ever equalling the normalised text of a decodable token.
+    merge every such piece into one id, so it keeps its vocabulary string instead. That string lives
+    in the same key space as normalised text, as in the demo: the lone byte F0 (vocabulary string
+    "ð") shares an id with the decodable token "ð" (27 such merges on DeepSeek-V3's vocabulary).
     """
     text = tokenizer.decode([token_id], skip_special_tokens=False)
     if "\ufffd" in text:
-        return ("raw", tokenizer.id_to_token(token_id))
+        return tokenizer.id_to_token(token_id)
     norm = _NORMALIZER.normalize_str(text)
-    return ("text", norm if norm else text)
+    return norm if norm else text
 
 
 def build_compression_table(tokenizer: Tokenizer) -> np.ndarray:
@@ -52,7 +57,7 @@ def build_compression_table(tokenizer: Tokenizer) -> np.ndarray:
     [0, V') and the table is a pure function of the tokenizer's vocabulary.
     """
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    key_to_id: dict[tuple[str, str], int] = {}
+    key_to_id: dict[str, int] = {}
     table = np.empty(vocab_size, dtype=np.int64)
     for token_id in range(vocab_size):
         key = canonical_key(tokenizer, token_id)

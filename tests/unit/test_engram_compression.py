@@ -49,7 +49,7 @@ def test_whitespace_only_tokens_collapse_to_one_space(bpe_tokenizer, table):
     assert len(set(table[ids].tolist())) == 1
 
 
-def test_partial_utf8_pieces_are_not_merged(bpe_tokenizer, table):
+def test_partial_utf8_pieces_are_not_merged_with_each_other(bpe_tokenizer, table):
     pieces = [i for i in range(bpe_tokenizer.get_vocab_size()) if "\ufffd" in bpe_tokenizer.decode([i])]
     assert len(pieces) > 10
     assert len(set(table[pieces].tolist())) == len(pieces)

@@ -140,3 +140,38 @@ def test_rejects_ids_outside_the_vocabulary(hasher, table):
         hasher.hash_numpy(np.array([[0, len(table)]]))
     with pytest.raises(ValueError, match="token ids must lie"):
         hasher.hash_torch(torch.tensor([[-1, 0]]))
+
+
+def test_rows_per_head_takes_one_target_per_order(table, eos):
+    h = NgramHasher(table, (2, 3), 2, [101, 211], LAYERS, seed=7, pad_token_id=eos)
+    assert h.head_sizes.tolist() == [[101, 103, 211, 223], [107, 109, 227, 229]]
+    same = NgramHasher(table, (2, 3), 2, 101, LAYERS, seed=7, pad_token_id=eos)
+    assert same.head_sizes[0].tolist() == [101, 103, 107, 109]
+    with pytest.raises(ValueError, match="one per order"):
+        NgramHasher(table, (2, 3), 2, [101], LAYERS, seed=7, pad_token_id=eos)
+
+
+def test_null_memory_maps_every_ngram_to_its_heads_single_row(table, eos, tokens):
+    cfg = EngramConfig(layers=[0, 2], ngram_orders=[2, 3], heads_per_order=4, null_memory=True)
+    h = NgramHasher.from_config(cfg, table, pad_token_id=eos)
+    assert h.num_rows == 2 * 2 * 4 and h.head_sizes.tolist() == [[1] * 8] * 2
+    ids = h.hash_numpy(tokens)
+    assert np.array_equal(ids, np.broadcast_to(h.row_offsets, ids.shape))
+    assert np.array_equal(h.hash_torch(torch.from_numpy(tokens)).numpy(), ids)
+    assert h.config_fingerprint()["null_memory"] is True
+
+
+@pytest.mark.parametrize(
+    "rows,message",
+    [([1009], "one target per n-gram order"), ([1009, 1], "every target must be an int >= 2"), (1, "must be an int >= 2")],
+)
+def test_config_rejects_bad_rows_per_head_in_one_line(rows, message):
+    from omegaconf import OmegaConf
+
+    from engram_train.config import ConfigError, to_config
+
+    ok = to_config(OmegaConf.create({"engram": {"rows_per_head": [1009, 2003]}}))
+    assert ok.engram.rows_per_head == [1009, 2003] and ok.engram.projection_bias and not ok.engram.null_memory
+    with pytest.raises(ConfigError, match=message) as err:
+        to_config(OmegaConf.create({"engram": {"rows_per_head": rows}}))
+    assert "engram.rows_per_head" in str(err.value) and "\n" not in str(err.value)

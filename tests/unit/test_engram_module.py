@@ -97,3 +97,9 @@ def test_conv_matches_torch_depthwise_conv1d_forward_and_backward(kernel_size):
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(grad_x, grad_x_ref)
     torch.testing.assert_close(grad_w, grad_w_ref)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_projection_bias_is_a_setting(bias):
+    block = EngramBlock(hidden_size=H, memory_dim=M, max_order=ORDER, projection_bias=bias)
+    assert (block.key_proj.bias is not None) == bias and (block.value_proj.bias is not None) == bias
