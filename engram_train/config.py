@@ -148,6 +148,9 @@ class OptimConfig:
     #: cosine or wsd (warmup-stable-decay).
     schedule: str = "cosine"
     warmup_tokens: int = 50_000
+    #: Warmup as a share of the run's tokens; when > 0 it replaces warmup_tokens (sweeps of several run
+    #: lengths keep the same schedule shape).
+    warmup_fraction: float = 0.0
     #: wsd only: share of the run spent in the final decay.
     decay_fraction: float = 0.2
     #: Clip the global gradient norm (backbone + table) to this; 0 disables.
@@ -166,6 +169,14 @@ class WandbConfig:
     mode: str = "offline"
     project: str = "engram-train"
     entity: str | None = None
+    #: W&B run name (empty: experiment.name; in a multirun: <experiment.name>/<job folder>).
+    name: str = ""
+    #: W&B group joining the runs of one sweep (empty: none).
+    group: str = ""
+    #: W&B job type (train, analysis, ...).
+    job_type: str = "train"
+    #: Extra W&B tags; a sweep run adds its rho, budget and seed.
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -202,6 +213,24 @@ class ExperimentConfig:
 
 
 @dataclass
+class ScalingConfig:
+    """The allocation-ratio experiment (engram_train.scaling): rho -> routed experts and Engram rows."""
+
+    #: rho, share of the sparse parameters given to routed experts (1: pure MoE, no Engram; 0: only top-k
+    #: experts, the rest is memory). null: train model/engram as given, without planning.
+    allocation_ratio: float | None = None
+    #: Routed experts of the pure-MoE reference that fixes P_tot and P_act (when the targets below are 0).
+    reference_experts: int = 16
+    #: Explicit P_tot / P_act targets (0: from the reference model).
+    total_params: int = 0
+    activated_params: int = 0
+    #: Label of the compute budget (W&B tag, analyzer grouping).
+    budget: str = ""
+    #: Label of the series this run belongs to (engram, null_memory, lr_sweep, ...; analyzer grouping).
+    series: str = "engram"
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     engram: EngramConfig = field(default_factory=EngramConfig)
@@ -209,6 +238,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
 
 _GROUPS = {
@@ -218,6 +248,7 @@ _GROUPS = {
     "data": DataConfig,
     "optim": OptimConfig,
     "experiment": ExperimentConfig,
+    "scaling": ScalingConfig,
 }
 
 
@@ -324,6 +355,7 @@ def validate(cfg: Config) -> None:
     _check(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "must be in [0, 1)")
     _check(o.eps > 0, "optim.eps", o.eps, "must be > 0")
     _choice("optim.schedule", o.schedule, ("cosine", "wsd"))
+    _check(0 <= o.warmup_fraction < 1, "optim.warmup_fraction", o.warmup_fraction, "must be in [0, 1) (0: use optim.warmup_tokens)")
     _check(o.warmup_tokens >= 0, "optim.warmup_tokens", o.warmup_tokens, "must be >= 0")
     _check(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction, "must be in (0, 1]")
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
@@ -332,6 +364,12 @@ def validate(cfg: Config) -> None:
            "must be megatron_ddp or auto with optim.distributed=true: the distributed optimizer steps on the "
            "shards that Megatron DDP reduce-scatters")
 
+    sc = cfg.scaling
+    if sc.allocation_ratio is not None:
+        _check(0 <= sc.allocation_ratio <= 1, "scaling.allocation_ratio", sc.allocation_ratio, "must be in [0, 1] (or null: no planning)")
+        _check(sc.reference_experts > m.moe_router_topk, "scaling.reference_experts", sc.reference_experts,
+               f"must exceed model.moe_router_topk={m.moe_router_topk} (the pure-MoE reference needs sparse experts)")
+    _check(sc.total_params >= 0 and sc.activated_params >= 0, "scaling.total_params", sc.total_params, "targets must be >= 0 (0: from the reference)")
     _choice("experiment.wandb.mode", x.wandb.mode, ("offline", "online", "disabled"))
     _check(x.eval_tokens >= d.seq_len, "experiment.eval_tokens", x.eval_tokens, f"must be >= data.seq_len={d.seq_len}")
     _check(x.checkpoint_every >= 0, "experiment.checkpoint_every", x.checkpoint_every, "must be >= 0 (0: only at the end)")

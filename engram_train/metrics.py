@@ -18,7 +18,8 @@ from rich.console import Console
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, *, config: dict, wandb_mode: str, project: str, entity: str | None, name: str, enabled: bool = True, resume_step: int = 0):
+    def __init__(self, run_dir: Path, *, config: dict, wandb_mode: str, project: str, entity: str | None, name: str, group: str = "", job_type: str = "train", tags: list[str] | None = None, enabled: bool = True,
+                 resume_step: int = 0):
         self.enabled = enabled
         self.console = Console(highlight=False, soft_wrap=True)
         self.wandb_run = None
@@ -41,6 +42,9 @@ class MetricsLogger:
                 project=project,
                 entity=entity,
                 name=name,
+                group=group or None,
+                job_type=job_type,
+                tags=tags or None,
                 id=run_id,
                 resume="allow",
                 mode=wandb_mode,

@@ -190,7 +190,8 @@ class LRSchedule:
 
     @classmethod
     def from_config(cls, optim: OptimConfig, *, tokens_per_step: int, total_steps: int) -> "LRSchedule":
-        warmup = min(total_steps, math.ceil(optim.warmup_tokens / tokens_per_step))
+        warmup_tokens = optim.warmup_fraction * total_steps * tokens_per_step if optim.warmup_fraction else optim.warmup_tokens
+        warmup = min(total_steps, math.ceil(warmup_tokens / tokens_per_step))
         return cls(optim.lr, optim.min_lr_ratio, warmup, total_steps, optim.schedule, optim.decay_fraction)
 
     def __call__(self, step: int) -> float:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from engram_train.backbone import build_model
 from engram_train.checkpoint import Checkpointer, rng_state, set_rng_state
-from engram_train.config import Config, ConfigError, to_config
+from engram_train.config import Config, ConfigError, to_config, validate
 from engram_train.data import build_train_loader, build_val_loader, open_dataset
 from engram_train.engram import NgramHasher
 from engram_train.memory import ShardedEngramTable, TablePrefetcher
@@ -46,6 +46,8 @@ from engram_train.parallel import (
     init_process_groups,
     on_every_rank,
 )
+from engram_train.scaling import AllocationPlan, apply_allocation, count_parameters
+from engram_train.sweep import write_run_result
 from engram_train.preemption import REQUEUE_EXIT_CODE, PreemptionWatch, hand_over
 from engram_train.throughput import flops_per_token, memory_metrics, throughput_metrics
 from engram_train.train_step import (
@@ -57,6 +59,7 @@ from engram_train.train_step import (
     evaluate,
     train_step,
     unigram_entropy,
+    ValLoss,
 )
 
 
@@ -87,8 +90,11 @@ def build_table(cfg: Config, hasher: NgramHasher, group) -> ShardedEngramTable:
     )
 
 
-def train(cfg: Config) -> dict:
-    """Run training to ``experiment.total_tokens`` (or until preempted); returns the summary as a dict."""
+def train(cfg: Config, allocation: AllocationPlan | None = None) -> dict:
+    """Run training to ``experiment.total_tokens`` (or until preempted); returns the summary as a dict.
+
+    ``allocation`` is the plan that turned ``scaling.allocation_ratio`` into this config (logged and recorded).
+    """
     x = cfg.experiment
     run_dir = Path(x.run_dir)
     dims = ParallelDims.from_config(cfg)
@@ -140,14 +146,21 @@ def train(cfg: Config) -> dict:
             if sealed is not None:
                 logger.print(f"checkpoint {sealed} complete at step {state.step} (written in the background)")
 
-        logger = MetricsLogger(run_dir, config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
-                               wandb_mode=x.wandb.mode, project=x.wandb.project, entity=x.wandb.entity, name=x.name,
-                               enabled=dims.is_main, resume_step=state.step)
+        accounting = count_parameters(cfg)
+        run_record = {"params": accounting.to_dict(), **({"allocation": allocation.to_dict()} if allocation else {})}
+        logger = MetricsLogger(run_dir, config={**OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True), **run_record},
+                               wandb_mode=x.wandb.mode, project=x.wandb.project, entity=x.wandb.entity,
+                               name=x.wandb.name or x.name, group=x.wandb.group, job_type=x.wandb.job_type,
+                               tags=run_tags(cfg, allocation), enabled=dims.is_main, resume_step=state.step)
+        if state.step == 0:
+            logger.log(0, {f"params/{k}": v for k, v in accounting.to_dict().items()}, console=False)
         if dims.is_main:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         if latest is not None:
             logger.print(f"resumed from {latest} at step {state.step} ({state.tokens_seen:,} tokens)")
         logger.print(plan.describe(model, table))
+        if allocation is not None:
+            logger.print(allocation.describe())
         if table is not None:
             where = "prefetched on a background thread" if prefetcher else "on the critical path"
             logger.print(f"table lookups {where} (engram.prefetch={cfg.engram.prefetch})")
@@ -157,12 +170,12 @@ def train(cfg: Config) -> dict:
         entropy = unigram_entropy(val_loader(with_hashes=False), plan.eval_batches, vocab_size=dataset.vocab_size)
 
         model_flops = flops_per_token(cfg, dataset.vocab_size)
-        checkpoint_path, preempted, val_loss = latest, False, float("nan")
+        checkpoint_path, preempted, val = latest, False, ValLoss(float("nan"), float("nan"))
         window, session_tokens, session_seconds = MetricsWindow(), 0, 0.0
         if state.step >= plan.total_steps:
             logger.print(f"[green]{latest} is at step {state.step} of {plan.total_steps}: this run is complete, nothing to "
                          f"train. To train anew, remove {run_dir} or set experiment.name (or experiment.run_dir).[/green]")
-            val_loss = evaluate(model, table, val_loader(), plan.eval_batches, dims)
+            val = evaluate(model, table, val_loader(), plan.eval_batches, dims)
         while state.step < plan.total_steps:
             lr, step_start = schedule(state.step), time.perf_counter()
             result = train_step(model, table, prefetcher, loader, plan, dims)
@@ -185,6 +198,7 @@ def train(cfg: Config) -> dict:
             step_seconds = time.perf_counter() - step_start
             window.add(result, plan.tokens_per_step, step_seconds)
             session_tokens, session_seconds = session_tokens + plan.tokens_per_step, session_seconds + step_seconds
+            state.train_seconds += step_seconds
             is_last = state.step == plan.total_steps
             evaluate_now = state.step % x.eval_every == 0 or is_last
             if state.step % x.log_every == 0 or is_last or evaluate_now:
@@ -197,8 +211,8 @@ def train(cfg: Config) -> dict:
                 metrics.update(loader.stats())
                 state.last_loss = metrics.get("loss", state.last_loss)
                 if evaluate_now:
-                    val_loss = evaluate(model, table, val_loader(), plan.eval_batches, dims)
-                    metrics.update(val_loss=val_loss, val_unigram_entropy=entropy)
+                    val = evaluate(model, table, val_loader(), plan.eval_batches, dims)
+                    metrics.update(val_loss=val.mean, val_loss_stderr=val.stderr, val_unigram_entropy=entropy)
                 logger.log(state.step, metrics)
                 window = MetricsWindow()
             report_sealed(checkpointer.poll())  # collective while an async save is in flight
@@ -215,7 +229,8 @@ def train(cfg: Config) -> dict:
 
         summary = {
             "final_train_loss": state.last_loss,
-            "final_val_loss": val_loss,
+            "final_val_loss": val.mean,
+            "val_loss_stderr": val.stderr,
             "val_unigram_entropy": entropy,
             "tokens_seen": state.tokens_seen,
             "tokens_per_s": session_tokens / session_seconds if session_seconds else float("nan"),
@@ -230,6 +245,9 @@ def train(cfg: Config) -> dict:
         logger.summary(summary)
         if not preempted:
             logger.print(format_summary(summary))
+            if dims.is_main:
+                write_run_result(run_dir, cfg, summary, run_record, state=asdict(state), flops_per_token=model_flops,
+                                 eval_tokens=plan.eval_batches * plan.micro_batch_size * plan.seq_len * dims.dp)
         logger.close()
         if prefetcher is not None:
             prefetcher.close()
@@ -252,6 +270,18 @@ def format_summary(summary: dict) -> str:
         f"  metrics              {summary['run_dir']}/metrics.jsonl",
     ]
     return "\n".join(lines)
+
+
+def run_tags(cfg: Config, allocation: AllocationPlan | None) -> list[str]:
+    """W&B tags: the user's, plus rho, budget, series and seed for the runs of a sweep."""
+    tags = list(cfg.experiment.wandb.tags)
+    if allocation is not None:
+        tags.append(f"rho={allocation.requested_ratio:g}")
+    if cfg.scaling.budget:
+        tags += [f"budget={cfg.scaling.budget}", f"series={cfg.scaling.series}"]
+    if allocation is not None or cfg.scaling.budget:
+        tags.append(f"seed={cfg.experiment.seed}")
+    return tags
 
 
 def prefetch_in_background(cfg: Config, model, table_group) -> bool:
@@ -277,17 +307,20 @@ def use_job_run_dir_in_sweeps(dict_cfg: DictConfig) -> None:
     if any(o.split("=", 1)[0].lstrip("+~") == "experiment.run_dir" for o in hydra_cfg.overrides.task):
         return
     dict_cfg.experiment.run_dir = str(Path(hydra_cfg.sweep.dir) / str(hydra_cfg.sweep.subdir))
+    if not dict_cfg.experiment.wandb.name:
+        dict_cfg.experiment.wandb.name = f"{dict_cfg.experiment.name}/{hydra_cfg.sweep.subdir}"
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(dict_cfg: DictConfig) -> None:
     use_job_run_dir_in_sweeps(dict_cfg)
     try:
-        cfg = to_config(dict_cfg)
+        cfg, allocation = apply_allocation(to_config(dict_cfg))
+        validate(cfg)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         sys.exit(2)
-    summary = train(cfg)
+    summary = train(cfg, allocation)
     if summary["preempted"]:
         hand_over(summary["stop_signal"])  # under submitit, rank 0 requeues the job here and exits
         sys.exit(REQUEUE_EXIT_CODE)

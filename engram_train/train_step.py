@@ -28,6 +28,8 @@ class TrainState:
     tokens_seen: int = 0
     skipped_steps: int = 0
     last_loss: float = float("nan")
+    #: Seconds spent in training steps over every session of this run (resumes included).
+    train_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -238,24 +240,36 @@ class MetricsWindow:
 
 
 @torch.no_grad()
-def evaluate(model, table, val_loader, batches: int, dims) -> float:
-    """Mean per-token loss over the first ``batches`` validation batches of every DP rank (deterministic)."""
+@dataclass(frozen=True)
+class ValLoss:
+    """Mean per-token validation loss and its sampling error (std of per-sequence means / sqrt(sequences))."""
+
+    mean: float
+    stderr: float
+
+
+def evaluate(model, table, val_loader, batches: int, dims) -> ValLoss:
+    """Loss over the first ``batches`` validation batches of every DP rank (deterministic)."""
     model.eval()
     tp_group = parallel_state.get_tensor_model_parallel_group() if dims.tp > 1 else None
     device = next(model.parameters()).device
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, tokens, sum of squared sequence means, sequences
     for batch in itertools.islice(val_loader, batches):
         tokens = batch["tokens"].to(device, non_blocking=True)
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         lookup = EngramLookup(table, batch["hash_ids"], tp_group, device=device) if table is not None else None
-        per_token = model(inputs, labels, engram_rows=lookup() if lookup is not None else None)
-        sums += torch.stack([per_token.double().sum(), torch.tensor(float(per_token.numel()), dtype=torch.float64, device=device)])
+        per_token = model(inputs, labels, engram_rows=lookup() if lookup is not None else None).double()
+        per_sequence = per_token.reshape(tokens.shape[0], -1).mean(dim=1)
+        sums += torch.stack([per_token.sum(), torch.tensor(float(per_token.numel()), dtype=torch.float64, device=device),
+                             per_sequence.square().sum(), torch.tensor(float(per_sequence.numel()), dtype=torch.float64, device=device)])
     model.train()
     if dims.dp > 1:
         dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
     if sums[1] == 0:
         raise RuntimeError("validation split yielded no batches; re-run data preparation with a validation split")
-    return float(sums[0] / sums[1])
+    mean, sequences = float(sums[0] / sums[1]), float(sums[3])
+    variance = max(0.0, float(sums[2]) / sequences - mean * mean) * sequences / max(1.0, sequences - 1)
+    return ValLoss(mean, math.sqrt(variance / sequences))
 
 
 def unigram_entropy(val_loader, batches: int, *, vocab_size: int) -> float:

@@ -1,0 +1,407 @@
+"""Allocation-ratio sweeps: each run's ``result.json``, and the analyzer that reads a sweep back.
+
+    python -m engram_train.sweep analyze outputs/sweeps/<name> [more sweep dirs] [--out DIR]
+    python -m engram_train.sweep analyze <dirs> --infinite-memory
+
+A run writes ``result.json`` when it finishes (``write_run_result``). The analyzer collects every
+``result.json`` below the given folders, groups them by budget and series, fits validation loss against
+the realised allocation ratio (a quadratic, the simplest curve that can hold a U), puts a bootstrap
+interval over seeds on the argmin, says when the minimum sits at an end of the range, and writes a
+table (``summary.md``, ``analysis.json``), a PNG and the same table and plot to W&B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+#: The main curve of a sweep, and the controls beside it (scaling.series).
+MAIN_SERIES = "engram"
+NULL_MEMORY_SERIES = "null_memory"
+LR_SERIES = "lr_sweep"
+INFINITE_MEMORY_SERIES = "infinite_memory"
+
+
+def write_run_result(run_dir: Path, cfg, summary: dict, record: dict, *, state: dict, flops_per_token: float,
+                     eval_tokens: int) -> Path:
+    """``result.json``: what the analyzer needs from one finished run, written atomically."""
+    allocation = record.get("allocation", {})
+    result = {
+        "sweep": cfg.experiment.name,
+        "budget": cfg.scaling.budget,
+        "series": cfg.scaling.series,
+        "seed": cfg.experiment.seed,
+        "lr": cfg.optim.lr,
+        "warmup_fraction": cfg.optim.warmup_fraction,
+        "null_memory": bool(cfg.engram.enabled and cfg.engram.null_memory),
+        "engram": cfg.engram.enabled,
+        "requested_allocation_ratio": allocation.get("requested_allocation_ratio"),
+        "realised_allocation_ratio": record["params"]["allocation_ratio"],
+        "params": record["params"],
+        "allocation": allocation,
+        "tokens": summary["tokens_seen"],
+        "flops_per_token": flops_per_token,
+        "flops": flops_per_token * summary["tokens_seen"],
+        "tokens_per_param": summary["tokens_seen"] / max(1, record["params"]["total"]),
+        "final_val_loss": summary["final_val_loss"],
+        "val_loss_stderr": summary["val_loss_stderr"],
+        "val_tokens": eval_tokens,
+        "final_train_loss": summary["final_train_loss"],
+        "tokens_per_s": state["tokens_seen"] / state["train_seconds"] if state.get("train_seconds") else None,
+        "wall_time_s": state.get("train_seconds"),
+        "steps": summary["steps"],
+        "skipped_steps": summary["skipped_steps"],
+    }
+    path = Path(run_dir) / "result.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def collect(dirs: list[Path]) -> list[dict]:
+    """Every ``result.json`` below ``dirs`` (a run still training has none and is left out)."""
+    results = []
+    for root in dirs:
+        if not Path(root).exists():
+            raise FileNotFoundError(f"{root}: no such sweep folder")
+        for path in sorted(Path(root).rglob("result.json")):
+            result = json.loads(path.read_text())
+            result["path"] = str(path.parent)
+            results.append(result)
+    return results
+
+
+def _mean_by_ratio(runs: list[dict]) -> list[tuple[float, list[float]]]:
+    """(realised rho, [val loss of each seed]) per distinct realised rho, ascending."""
+    groups: dict[float, list[float]] = defaultdict(list)
+    for run in runs:
+        groups[round(run["realised_allocation_ratio"], 6)].append(run["final_val_loss"])
+    return sorted(groups.items())
+
+
+def fit_allocation_curve(points: list[tuple[float, list[float]]], *, bootstrap: int = 2000, seed: int = 0) -> dict:
+    """Quadratic fit of loss vs rho, its argmin on the measured range, and a bootstrap interval over seeds.
+
+    Each bootstrap replicate redraws every point's seeds with replacement; a point measured with one seed
+    gets Gaussian noise of the pooled seed spread instead (zero when no point has two seeds), so every
+    point carries its noise into the interval. The argmin is searched on the measured range only: a
+    minimum at either end means the optimum was not bracketed.
+    """
+    if len(points) < 3:
+        raise ValueError(f"need at least 3 distinct allocation ratios to fit a curve, got {len(points)}")
+    x = np.array([p[0] for p in points])
+    means = np.array([np.mean(p[1]) for p in points])
+    spreads = [np.var(p[1], ddof=1) for p in points if len(p[1]) > 1]
+    seed_std = float(np.sqrt(np.mean(spreads))) if spreads else 0.0
+    lo, hi = float(x.min()), float(x.max())
+    grid = np.linspace(lo, hi, 1001)
+    edge_tol = (hi - lo) * 0.01
+
+    def argmin(values: np.ndarray) -> float:
+        coeffs = np.polyfit(x, values, 2)
+        return float(grid[np.argmin(np.polyval(coeffs, grid))])
+
+    coeffs = np.polyfit(x, means, 2)
+    best = argmin(means)
+    rng = np.random.default_rng(seed)
+    draws = np.empty(bootstrap)
+    for b in range(bootstrap):
+        sample = np.array([
+            np.mean(rng.choice(p[1], size=len(p[1]))) if len(p[1]) > 1 else p[1][0] + rng.normal(0.0, seed_std)
+            for p in points
+        ])
+        draws[b] = argmin(sample)
+    at_edge = float(np.mean((draws <= lo + edge_tol) | (draws >= hi - edge_tol)))
+    interior = lo + edge_tol < best < hi - edge_tol
+    if interior:
+        verdict = (f"interior minimum at rho = {best:.2f} (90% bootstrap interval {np.quantile(draws, 0.05):.2f}"
+                   f"-{np.quantile(draws, 0.95):.2f}; {at_edge:.0%} of replicates at an end of the range)")
+    else:
+        end = "rho = %.2f (%s end)" % (best, "low" if best <= lo + edge_tol else "high")
+        verdict = (f"no interior minimum: the fitted loss is lowest at {end} of the measured range "
+                   f"[{lo:.2f}, {hi:.2f}]; {at_edge:.0%} of bootstrap replicates agree")
+    residual = means - np.polyval(coeffs, x)
+    return {
+        "coefficients": coeffs.tolist(),
+        "argmin": best,
+        "argmin_interval_90": [float(np.quantile(draws, 0.05)), float(np.quantile(draws, 0.95))],
+        "argmin_at_edge_share": at_edge,
+        "interior": bool(interior),
+        "seed_std": seed_std,
+        "fit_rmse": float(np.sqrt(np.mean(residual**2))),
+        "range": [lo, hi],
+        "best_measured": {"ratio": float(x[np.argmin(means)]), "val_loss": float(means.min())},
+        "verdict": verdict,
+    }
+
+
+def fit_power_law(rows: np.ndarray, losses: np.ndarray) -> dict:
+    """loss = a * rows^(-alpha): a straight line in log-log, as the paper's infinite-memory plot."""
+    slope, intercept = np.polyfit(np.log(rows), np.log(losses), 1)
+    predicted = slope * np.log(rows) + intercept
+    ss_res = float(np.sum((np.log(losses) - predicted) ** 2))
+    ss_tot = float(np.sum((np.log(losses) - np.log(losses).mean()) ** 2))
+    return {"alpha": float(-slope), "a": float(math.exp(intercept)), "r2": 1 - ss_res / ss_tot if ss_tot else 1.0,
+            "rows_decades": float(np.log10(rows.max() / rows.min()))}
+
+
+def _by_budget(results: list[dict]) -> dict[str, list[dict]]:
+    budgets: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        budgets[r.get("budget") or r["sweep"]].append(r)
+    return dict(sorted(budgets.items(), key=lambda kv: min(r["flops"] for r in kv[1])))
+
+
+def _main_lr(runs: list[dict]) -> float | None:
+    main = [r["lr"] for r in runs if r["series"] == MAIN_SERIES]
+    return max(set(main), key=main.count) if main else None
+
+
+def analyze_allocation(results: list[dict], *, bootstrap: int = 2000) -> dict:
+    """Per budget: the main curve's table and fit, the null-memory control, the lr sweep, memory's share."""
+    analysis = {}
+    for budget, runs in _by_budget(results).items():
+        lr = _main_lr(runs)
+        main = [r for r in runs if r["series"] == MAIN_SERIES and r["lr"] == lr]
+        points = _mean_by_ratio(main)
+        entry: dict = {
+            "tokens": sorted({r["tokens"] for r in runs}),
+            "flops": float(np.median([r["flops"] for r in runs])),
+            "tokens_per_param": float(np.median([r["tokens_per_param"] for r in main])) if main else None,
+            "lr": lr,
+            "rows": [_row(r) for r in sorted(runs, key=lambda r: (r["series"], r["realised_allocation_ratio"], r["lr"], r["seed"]))],
+            "points": [{"ratio": x, "val_loss": float(np.mean(v)), "seeds": len(v), "spread": float(np.ptp(v))} for x, v in points],
+        }
+        if len(points) >= 3:
+            entry["fit"] = fit_allocation_curve(points, bootstrap=bootstrap)
+        entry["null_memory"] = _memory_share(runs, main)
+        entry["lr_sweep"] = _lr_table(runs)
+        analysis[budget] = entry
+    return analysis
+
+
+def _row(r: dict) -> dict:
+    p = r["params"]
+    return {"series": r["series"], "rho_requested": r["requested_allocation_ratio"], "rho": r["realised_allocation_ratio"],
+            "experts": p["routed_experts"], "engram_rows": p["engram_rows"], "P_tot": p["total"], "P_act": p["activated"],
+            "lr": r["lr"], "seed": r["seed"], "tokens": r["tokens"], "val_loss": r["final_val_loss"],
+            "val_stderr": r["val_loss_stderr"], "tokens_per_s": r["tokens_per_s"], "path": r.get("path")}
+
+
+def _memory_share(runs: list[dict], main: list[dict]) -> list[dict]:
+    """At each rho with a null-memory run: what the block alone and the memory add over the pure MoE."""
+    moe = [r["final_val_loss"] for r in main if not r["engram"]]
+    shares = []
+    for null in (r for r in runs if r["series"] == NULL_MEMORY_SERIES):
+        same = [r["final_val_loss"] for r in main
+                if r["requested_allocation_ratio"] == null["requested_allocation_ratio"] and r["seed"] == null["seed"]]
+        if not same or not moe:
+            continue
+        total_gain = float(np.mean(moe)) - same[0]
+        memory_gain = null["final_val_loss"] - same[0]
+        shares.append({"rho": null["requested_allocation_ratio"], "seed": null["seed"], "moe": float(np.mean(moe)),
+                       "null_memory": null["final_val_loss"], "engram": same[0], "gain_total": total_gain,
+                       "gain_memory": memory_gain, "memory_share": memory_gain / total_gain if total_gain else None})
+    return shares
+
+
+def _lr_table(runs: list[dict]) -> list[dict]:
+    """Val loss by learning rate for each arm that was swept (runs of the main and lr_sweep series)."""
+    arms: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if r["series"] in (MAIN_SERIES, LR_SERIES):
+            arms[(r["requested_allocation_ratio"],)][r["lr"]].append(r["final_val_loss"])
+    table = []
+    for (rho,), by_lr in sorted(arms.items(), key=lambda kv: -1 if kv[0][0] is None else kv[0][0]):
+        if len(by_lr) < 2:
+            continue
+        losses = {lr: float(np.mean(v)) for lr, v in sorted(by_lr.items())}
+        table.append({"rho": rho, "val_loss_by_lr": losses, "best_lr": min(losses, key=losses.get)})
+    return table
+
+
+def analyze_infinite_memory(results: list[dict]) -> dict:
+    runs = [r for r in results if r["series"] == INFINITE_MEMORY_SERIES]
+    by_budget = defaultdict(list)
+    for r in runs:
+        by_budget[r.get("budget") or r["sweep"]].append(r)
+    out = {}
+    for budget, rs in by_budget.items():
+        rs.sort(key=lambda r: r["params"]["engram_rows"])
+        rows = np.array([r["params"]["engram_rows"] for r in rs], dtype=float)
+        losses = np.array([r["final_val_loss"] for r in rs])
+        entry = {"rows": rows.tolist(), "val_loss": losses.tolist()}
+        if len(rs) >= 2:
+            entry["fit"] = fit_power_law(rows, losses)
+        out[budget] = entry
+    return out
+
+
+def markdown(analysis: dict, memory: dict | None = None) -> str:
+    lines = []
+    for budget, entry in analysis.items():
+        lines += [f"## Budget {budget}: {', '.join(f'{t:,}' for t in entry['tokens'])} tokens, "
+                  f"{entry['flops']:.3g} FLOPs, {entry['tokens_per_param'] or 0:.1f} tokens per parameter, lr {entry['lr']}", "",
+                  "| series | rho req. | rho real. | experts | Engram rows | P_tot | P_act | lr | seed | val loss | ± stderr | tok/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in entry["rows"]:
+            req = "-" if r["rho_requested"] is None else f"{r['rho_requested']:.2f}"
+            lines.append(f"| {r['series']} | {req} | {r['rho']:.3f} | {r['experts']} | {r['engram_rows']:,} | {r['P_tot']:,} | "
+                         f"{r['P_act']:,} | {r['lr']:g} | {r['seed']} | {r['val_loss']:.4f} | {r['val_stderr']:.4f} | "
+                         f"{(r['tokens_per_s'] or 0):,.0f} |")
+        if "fit" in entry:
+            lines += ["", f"Fit (quadratic in realised rho, {len(entry['points'])} points, seed std {entry['fit']['seed_std']:.4f}): "
+                      f"{entry['fit']['verdict']}. Best measured point: rho {entry['fit']['best_measured']['ratio']:.2f}, "
+                      f"val loss {entry['fit']['best_measured']['val_loss']:.4f}."]
+        for s in entry["null_memory"]:
+            share = "n/a" if s["memory_share"] is None else f"{s['memory_share']:.0%}"
+            lines.append(f"- rho {s['rho']}: MoE {s['moe']:.4f}, null-memory block {s['null_memory']:.4f}, Engram {s['engram']:.4f}: "
+                         f"memory adds {s['gain_memory']:.4f} of the {s['gain_total']:.4f} nats gained ({share})")
+        for t in entry["lr_sweep"]:
+            arm = "pure MoE" if t["rho"] in (None, 1.0) else f"rho {t['rho']}"
+            values = ", ".join(f"{lr:g}: {v:.4f}" for lr, v in t["val_loss_by_lr"].items())
+            lines.append(f"- lr sweep, {arm}: {values} (best {t['best_lr']:g})")
+        lines.append("")
+    for budget, entry in (memory or {}).items():
+        lines.append(f"## Infinite memory, budget {budget}")
+        lines += [f"- {int(r):,} rows: val loss {v:.4f}" for r, v in zip(entry["rows"], entry["val_loss"])]
+        if "fit" in entry:
+            f = entry["fit"]
+            lines.append(f"- power law loss = {f['a']:.3f} * rows^-{f['alpha']:.4f} over {f['rows_decades']:.1f} decades (R² {f['r2']:.3f})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(analysis: dict, results: list[dict], path: Path, memory: dict | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if memory else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.8), squeeze=False)
+    ax = axes[0][0]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (budget, entry) in enumerate(analysis.items()):
+        color = colors[i % len(colors)]
+        pts = entry["points"]
+        xs = [p["ratio"] for p in pts]
+        ys = [p["val_loss"] for p in pts]
+        seeds = defaultdict(list)
+        for r in entry["rows"]:
+            if r["series"] == MAIN_SERIES and r["lr"] == entry["lr"]:
+                seeds[round(r["rho"], 6)].append(r["val_loss"])
+        lo = [y - min(seeds[round(x, 6)]) for x, y in zip(xs, ys)]
+        hi = [max(seeds[round(x, 6)]) - y for x, y in zip(xs, ys)]
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color=color, capsize=3, label=f"{budget}: Engram/MoE (seed range)")
+        if "fit" in entry:
+            fit = entry["fit"]
+            grid = np.linspace(*fit["range"], 200)
+            ax.plot(grid, np.polyval(fit["coefficients"], grid), "-", color=color, alpha=0.7)
+            ymin = float(np.polyval(fit["coefficients"], fit["argmin"]))
+            ax.errorbar([fit["argmin"]], [ymin], xerr=[[fit["argmin"] - fit["argmin_interval_90"][0]],
+                        [fit["argmin_interval_90"][1] - fit["argmin"]]], fmt="*", ms=14, color=color, capsize=4,
+                        label=f"{budget}: fitted min {fit['argmin']:.2f}" + ("" if fit["interior"] else " (range end)"))
+        nulls = [r for r in entry["rows"] if r["series"] == NULL_MEMORY_SERIES]
+        if nulls:
+            ax.plot([r["rho"] for r in nulls], [r["val_loss"] for r in nulls], "s", mfc="none", color=color,
+                    label=f"{budget}: null-memory block")
+    ax.set_xlabel("allocation ratio rho (share of sparse parameters in routed experts)")
+    ax.set_ylabel("validation loss (nats)")
+    ax.set_title("Validation loss vs allocation ratio at fixed P_tot and P_act")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    if memory:
+        ax2 = axes[0][1]
+        for i, (budget, entry) in enumerate(memory.items()):
+            ax2.loglog(entry["rows"], entry["val_loss"], "o-", color=colors[i % len(colors)], label=budget)
+            if "fit" in entry:
+                f = entry["fit"]
+                ax2.plot(entry["rows"], [f["a"] * r ** -f["alpha"] for r in entry["rows"]], "--", color=colors[i % len(colors)],
+                         label=f"{budget}: alpha {f['alpha']:.4f}")
+        ax2.set_xlabel("Engram rows (fixed backbone)")
+        ax2.set_ylabel("validation loss (nats)")
+        ax2.set_title("Infinite memory: loss vs table size")
+        ax2.legend(fontsize=7)
+        ax2.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def log_to_wandb(analysis: dict, png: Path, out: Path, *, mode: str, project: str, group: str) -> str | None:
+    """The table and plot as one W&B run of job type ``analysis`` in the sweep's group."""
+    if mode == "disabled":
+        return None
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(project=project, group=group, job_type="analysis", name=f"{group}/analysis", mode=mode,
+                     dir=str(out), settings=wandb.Settings(console="off", x_disable_stats=True))
+    columns = ["budget", "series", "rho_requested", "rho", "experts", "engram_rows", "P_tot", "P_act", "lr", "seed", "val_loss", "val_stderr"]
+    table = wandb.Table(columns=columns)
+    for budget, entry in analysis.items():
+        for r in entry["rows"]:
+            table.add_data(budget, *[r[c] for c in columns[1:]])
+    run.log({"allocation_ratio/table": table, "allocation_ratio/plot": wandb.Image(str(png))})
+    for budget, entry in analysis.items():
+        if "fit" in entry:
+            run.summary[f"{budget}/argmin"] = entry["fit"]["argmin"]
+            run.summary[f"{budget}/interior"] = entry["fit"]["interior"]
+    directory = str(Path(run.dir).parent)
+    run.finish()
+    return directory
+
+
+def analyze(dirs: list[Path], out: Path | None = None, *, infinite_memory: bool = False, wandb_mode: str = "offline",
+            project: str = "engram-train", bootstrap: int = 2000) -> dict:
+    results = collect(dirs)
+    if not results:
+        raise SystemExit(f"no result.json below {', '.join(map(str, dirs))}: no run of these sweeps has finished yet")
+    out = Path(out or dirs[0])
+    out.mkdir(parents=True, exist_ok=True)
+    allocation = analyze_allocation([r for r in results if r["series"] != INFINITE_MEMORY_SERIES], bootstrap=bootstrap)
+    memory = analyze_infinite_memory(results) if infinite_memory else None
+    text = markdown(allocation, memory)
+    (out / "summary.md").write_text(text)
+    (out / "analysis.json").write_text(json.dumps({"allocation": allocation, "infinite_memory": memory}, indent=1) + "\n")
+    png = plot(allocation, results, out / "allocation_ratio.png", memory)
+    group = results[0]["sweep"]
+    wandb_dir = log_to_wandb(allocation, png, out, mode=wandb_mode, project=project, group=group)
+    print(text)
+    print(f"wrote {out / 'summary.md'}, {out / 'analysis.json'}, {png}" + (f"; W&B run {wandb_dir}" if wandb_dir else ""))
+    return {"allocation": allocation, "infinite_memory": memory, "png": str(png)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m engram_train.sweep", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("analyze", help="table, fit and plot of finished sweep runs")
+    a.add_argument("dirs", nargs="+", type=Path, help="sweep folders (every result.json below them is read)")
+    a.add_argument("--out", type=Path, default=None, help="where summary.md, analysis.json and the PNG go (default: first dir)")
+    a.add_argument("--infinite-memory", action="store_true", help="also fit loss vs Engram rows (series infinite_memory)")
+    a.add_argument("--wandb", default=os.environ.get("WANDB_MODE", "offline"), choices=("offline", "online", "disabled"))
+    a.add_argument("--project", default="engram-train")
+    a.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates for the argmin interval")
+    args = parser.parse_args(argv)
+    try:
+        analyze(args.dirs, args.out, infinite_memory=args.infinite_memory, wandb_mode=args.wandb, project=args.project,
+                bootstrap=args.bootstrap)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"sweep analyze: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

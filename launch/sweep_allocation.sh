@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The committed allocation-ratio sweep (README "Allocation-ratio sweep"; results in docs/results/allocation_ratio/).
+# Every block is one Hydra multirun; each job trains in outputs/sweeps/<sweep>/<its overrides> and resumes from
+# its own checkpoints, so re-running this script after an interruption continues where it stopped (a finished
+# job only re-evaluates and rewrites its result.json).
+#   bash launch/sweep_allocation.sh            # ~1.5 h on 2 CPU cores
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+export WANDB_MODE=${WANDB_MODE:-offline} PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
+# 4k-token BPE, ~0.5M held-out tokens: the validation set every run of the sweep is scored on.
+$PY -m data_pipelines.prepare --out data/sweep --vocab-size 4096 --val-fraction 0.06 --val-max-mb 3
+train() { $PY -m engram_train.train -m "$@"; }
+RHOS=0,0.2,0.4,0.6,0.8,0.9,1.0
+for budget in sweep_tiny sweep_tiny_3x; do
+  train experiment=$budget scaling.allocation_ratio=$RHOS
+done
+for budget in sweep_tiny sweep_tiny_3x; do
+  # seed spread, at the pure MoE and at an Engram allocation
+  train experiment=$budget scaling.allocation_ratio=0.6,1.0 experiment.seed=1235
+  # null memory: the Engram block with one row per head, same experts and shared expert as its Engram run
+  nulls=0.6; [ $budget = sweep_tiny ] && nulls=0.2,0.6
+  train experiment=$budget scaling.allocation_ratio=$nulls engram.null_memory=true scaling.series=null_memory
+  # both arms' learning rate, tuned alike (the main runs use 3e-3)
+  train experiment=$budget scaling.allocation_ratio=0.6,1.0 optim.lr=1.5e-3,6e-3 scaling.series=lr_sweep
+done
+# infinite memory: the rho=0.6 backbone (10 experts, shared expert 11) fixed, Engram rows swept over 2.4 decades
+train experiment=sweep_tiny scaling.allocation_ratio=null model.num_experts=10 model.moe_shared_expert_intermediate_size=11 \
+  engram.rows_per_head=32,128,512,2048,8192 scaling.series=infinite_memory
+$PY -m engram_train.sweep analyze outputs/sweeps/sweep_tiny outputs/sweeps/sweep_tiny_3x --infinite-memory \
+  --out docs/results/allocation_ratio
