@@ -1,0 +1,84 @@
+"""The sweep analyzer on synthetic results whose answer is known: an interior argmin, an end-of-range minimum,
+the memory share of a null-memory control, a power law in table rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engram_train.sweep import analyze
+
+RATIOS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+def _result(root: Path, *, rho: float, loss: float, seed: int = 1, series: str = "engram", budget: str = "b1",
+            tokens: int = 1000, lr: float = 3e-3, rows: int | None = None, null: bool = False) -> None:
+    engram_rows = rows if rows is not None else (0 if rho == 1.0 else int(1000 * (1 - rho)) + 8)
+    record = {
+        "sweep": "synthetic", "budget": budget, "series": series, "seed": seed, "lr": lr, "null_memory": null,
+        "engram": rho < 1.0 or rows is not None, "requested_allocation_ratio": rho, "realised_allocation_ratio": rho,
+        "params": {"total": 1000, "activated": 100, "routed_experts": 2 + int(10 * rho), "engram_rows": engram_rows,
+                   "allocation_ratio": rho},
+        "tokens": tokens, "flops": 6.0 * 100 * tokens, "flops_per_token": 600.0, "tokens_per_param": tokens / 1000,
+        "final_val_loss": loss, "val_loss_stderr": 0.001, "tokens_per_s": 1.0, "wall_time_s": 1.0,
+    }
+    folder = root / f"{budget}-{series}-{rho}-{seed}-{lr}-{rows}"
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps(record))
+
+
+def test_recovers_a_known_interior_minimum_and_reads_the_controls(tmp_path):
+    rng = np.random.default_rng(0)
+    for rho in RATIOS:
+        for seed in (1, 2):
+            _result(tmp_path, rho=rho, seed=seed, loss=3.0 + 0.5 * (rho - 0.62) ** 2 + rng.normal(0, 0.002))
+    # Controls at rho 0.6 seed 1: the block alone takes 40% of the MoE->Engram gain, memory 60%; lr sweep of both arms.
+    engram_06 = json.loads(next(tmp_path.glob("b1-engram-0.6-1-*")).joinpath("result.json").read_text())["final_val_loss"]
+    moe = np.mean([json.loads(p.read_text())["final_val_loss"] for p in tmp_path.glob("b1-engram-1.0-*/result.json")])
+    _result(tmp_path, rho=0.6, seed=1, series="null_memory", null=True, loss=engram_06 + 0.6 * (moe - engram_06))
+    for lr, bump in ((1.5e-3, 0.05), (6e-3, -0.01)):
+        _result(tmp_path, rho=1.0, lr=lr, series="lr_sweep", loss=moe + bump)
+    out = analyze([tmp_path], tmp_path / "out", wandb_mode="disabled", bootstrap=400)["allocation"]["b1"]
+    fit = out["fit"]
+    assert fit["interior"] and abs(fit["argmin"] - 0.62) < 0.05, fit
+    assert fit["argmin_interval_90"][0] - 0.01 <= 0.62 <= fit["argmin_interval_90"][1] + 0.01
+    assert fit["argmin_interval_90"][1] - fit["argmin_interval_90"][0] < 0.2
+    assert "interior minimum at rho = 0.6" in fit["verdict"]
+    assert 0.0003 < fit["seed_std"] < 0.006, "the seed spread of the two seeds per point"
+    share = out["null_memory"][0]
+    assert share["memory_share"] == pytest.approx(0.6)
+    lr_arm = next(t for t in out["lr_sweep"] if t["rho"] == 1.0)
+    assert lr_arm["best_lr"] == 6e-3 and len(lr_arm["val_loss_by_lr"]) == 3
+    assert out["lr"] == 3e-3, "the main curve is the engram series at its own learning rate"
+    assert len(out["points"]) == len(RATIOS), "lr-sweep and null-memory runs stay off the main curve"
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "memory adds" in text and "(60%)" in text and "best 0.006" in text
+    assert (tmp_path / "out" / "allocation_ratio.png").stat().st_size > 10_000
+
+
+def test_a_minimum_at_the_end_of_the_range_is_reported_as_such(tmp_path):
+    for rho in RATIOS:
+        for seed in (1, 2):
+            _result(tmp_path, rho=rho, seed=seed, loss=3.0 + 0.2 * rho + 0.001 * seed)
+    fit = analyze([tmp_path], tmp_path / "out", wandb_mode="disabled", bootstrap=200)["allocation"]["b1"]["fit"]
+    assert not fit["interior"] and fit["argmin"] == 0.0
+    assert fit["verdict"].startswith("no interior minimum") and "low end" in fit["verdict"]
+    assert fit["argmin_at_edge_share"] > 0.95
+
+
+def test_two_budgets_are_kept_apart_and_the_infinite_memory_power_law_is_recovered(tmp_path):
+    for budget, tokens, centre in (("small", 1000, 0.7), ("large", 3000, 0.8)):
+        for rho in RATIOS:
+            _result(tmp_path, budget=budget, tokens=tokens, rho=rho, loss=2.0 + (rho - centre) ** 2)
+    for rows in (100, 1000, 10_000, 100_000):
+        _result(tmp_path, budget="small", series="infinite_memory", rho=0.6, rows=rows, loss=5.0 * rows ** -0.03)
+    result = analyze([tmp_path], tmp_path / "out", infinite_memory=True, wandb_mode="disabled", bootstrap=100)
+    assert list(result["allocation"]) == ["small", "large"], "budgets ordered by compute"
+    assert result["allocation"]["small"]["fit"]["argmin"] == pytest.approx(0.7, abs=0.01)
+    assert result["allocation"]["large"]["fit"]["argmin"] == pytest.approx(0.8, abs=0.01)
+    law = result["infinite_memory"]["small"]["fit"]
+    assert law["alpha"] == pytest.approx(0.03, rel=1e-6) and law["r2"] == pytest.approx(1.0)
+    assert law["rows_decades"] == pytest.approx(3.0)
