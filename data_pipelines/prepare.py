@@ -89,7 +89,10 @@ def fingerprint(args: argparse.Namespace, train: list, val: list) -> str:
     """Hash of every input that decides the output: options, and path/size/mtime of each file."""
     digest = hashlib.sha256()
     options = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_FINGERPRINTED}
-    digest.update(json.dumps({"version": PIPELINE_VERSION, "options": options}, sort_keys=True).encode())
+    from engram_train.engram.tokenizer_compression import COMPRESSION_SCHEME
+
+    digest.update(json.dumps({"version": PIPELINE_VERSION, "compression": COMPRESSION_SCHEME, "options": options},
+                             sort_keys=True).encode())
     if args.tokenizer == "gpt2":
         digest.update("".join(tok.sha256_file(f) for f in tok.gpt2_files()).encode())
     for split, parts in (("train", train), ("val", val)):

@@ -15,6 +15,9 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, normalizers
 
 EOS_TOKEN = "<|endoftext|>"
+#: Names the rules below; data preparation fingerprints it, so a dataset whose compression.npy was built by
+#: other rules is rebuilt rather than reused (a changed table moves every hash id).
+COMPRESSION_SCHEME = "demo-v1"
 
 # Holds the single space of a whitespace-only token through Strip, as the released demo does.
 _SENTINEL = "\ue000"

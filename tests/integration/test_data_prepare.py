@@ -108,6 +108,18 @@ def test_rerun_is_a_noop_and_changed_input_rebuilds(prepared, capsys):
     assert not (out.parent / "out.partial").exists() and not (out.parent / "out.old").exists()
 
 
+def test_other_compression_rules_rebuild_the_dataset(prepared, capsys, monkeypatch):
+    """compression.npy is part of the output: a dataset built under older rules must not be reused."""
+    from engram_train.engram import tokenizer_compression
+
+    out, train, val, _ = prepared
+    prepare.main(_argv(out, train, val))
+    assert "up to date" in capsys.readouterr().out
+    monkeypatch.setattr(tokenizer_compression, "COMPRESSION_SCHEME", "older-rules")
+    prepare.main(_argv(out, train, val))
+    assert "up to date" not in capsys.readouterr().out
+
+
 def test_loader_reads_the_prepared_folder(prepared):
     out, *_ = prepared
     cfg = DataConfig(path=str(out), seq_len=SEQ_LEN, num_workers=2)
