@@ -92,8 +92,8 @@ def fit_allocation_curve(points: list[tuple[float, list[float]]], *, bootstrap: 
     """Quadratic fit of loss vs rho, its argmin on the measured range, and a bootstrap interval over seeds.
 
     Each bootstrap replicate redraws every point's seeds with replacement; a point measured with one seed
-    gets Gaussian noise of the pooled seed spread instead (zero when no point has two seeds), so every
-    point carries its noise into the interval. The argmin is searched on the measured range only: a
+    gets Gaussian noise of the pooled seed spread instead (of the scatter around the fit when no point has
+    two seeds), so every point carries its noise into the interval. The argmin is searched on the measured range only: a
     minimum at either end means the optimum was not bracketed.
     """
     if len(points) < 3:
@@ -102,6 +102,13 @@ def fit_allocation_curve(points: list[tuple[float, list[float]]], *, bootstrap: 
     means = np.array([np.mean(p[1]) for p in points])
     spreads = [np.var(p[1], ddof=1) for p in points if len(p[1]) > 1]
     seed_std = float(np.sqrt(np.mean(spreads))) if spreads else 0.0
+    residual = means - np.polyval(np.polyfit(x, means, 2), x)
+    if spreads:
+        noise, noise_source = seed_std, "pooled spread of repeated seeds"
+    else:
+        # No repeated seed yet: the scatter around the fit is the only noise estimate (it also holds misfit).
+        noise = float(np.sqrt(np.sum(residual**2) / max(1, len(x) - 3)))
+        noise_source = "scatter around the fit (no point has two seeds yet)"
     lo, hi = float(x.min()), float(x.max())
     grid = np.linspace(lo, hi, 1001)
     edge_tol = (hi - lo) * 0.01
@@ -116,7 +123,7 @@ def fit_allocation_curve(points: list[tuple[float, list[float]]], *, bootstrap: 
     draws = np.empty(bootstrap)
     for b in range(bootstrap):
         sample = np.array([
-            np.mean(rng.choice(p[1], size=len(p[1]))) if len(p[1]) > 1 else p[1][0] + rng.normal(0.0, seed_std)
+            np.mean(rng.choice(p[1], size=len(p[1]))) if len(p[1]) > 1 else p[1][0] + rng.normal(0.0, noise)
             for p in points
         ])
         draws[b] = argmin(sample)
@@ -127,9 +134,9 @@ def fit_allocation_curve(points: list[tuple[float, list[float]]], *, bootstrap: 
                    f"-{np.quantile(draws, 0.95):.2f}; {at_edge:.0%} of replicates at an end of the range)")
     else:
         end = "rho = %.2f (%s end)" % (best, "low" if best <= lo + edge_tol else "high")
-        verdict = (f"no interior minimum: the fitted loss is lowest at {end} of the measured range "
-                   f"[{lo:.2f}, {hi:.2f}]; {at_edge:.0%} of bootstrap replicates agree")
-    residual = means - np.polyval(coeffs, x)
+        shape = "" if coeffs[0] > 0 else " (the fit opens downward: a hump, not a U)"
+        verdict = (f"no interior minimum{shape}: the fitted loss is lowest at {end} of the measured range "
+                   f"[{lo:.2f}, {hi:.2f}]; {at_edge:.0%} of bootstrap replicates put it at an end")
     return {
         "coefficients": coeffs.tolist(),
         "argmin": best,
@@ -137,6 +144,8 @@ def fit_allocation_curve(points: list[tuple[float, list[float]]], *, bootstrap: 
         "argmin_at_edge_share": at_edge,
         "interior": bool(interior),
         "seed_std": seed_std,
+        "noise": noise,
+        "noise_source": noise_source,
         "fit_rmse": float(np.sqrt(np.mean(residual**2))),
         "range": [lo, hi],
         "best_measured": {"ratio": float(x[np.argmin(means)]), "val_loss": float(means.min())},
@@ -259,7 +268,8 @@ def markdown(analysis: dict, memory: dict | None = None) -> str:
                          f"{r['P_act']:,} | {r['lr']:g} | {r['seed']} | {r['val_loss']:.4f} | {r['val_stderr']:.4f} | "
                          f"{(r['tokens_per_s'] or 0):,.0f} |")
         if "fit" in entry:
-            lines += ["", f"Fit (quadratic in realised rho, {len(entry['points'])} points, seed std {entry['fit']['seed_std']:.4f}): "
+            lines += ["", f"Fit (quadratic in realised rho, {len(entry['points'])} points, noise {entry['fit']['noise']:.4f} from the "
+                      f"{entry['fit']['noise_source']}): "
                       f"{entry['fit']['verdict']}. Best measured point: rho {entry['fit']['best_measured']['ratio']:.2f}, "
                       f"val loss {entry['fit']['best_measured']['val_loss']:.4f}."]
         for s in entry["null_memory"]:
