@@ -292,60 +292,66 @@ def markdown(analysis: dict, memory: dict | None = None) -> str:
 
 
 def plot(analysis: dict, results: list[dict], path: Path, memory: dict | None = None) -> Path:
+    """One panel per budget (each on its own loss scale: budgets differ by far more than rho moves the loss),
+    plus the infinite-memory panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 2 if memory else 1
-    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.8), squeeze=False)
-    ax = axes[0][0]
+    panels = len(analysis) + (1 if memory else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.6), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (budget, entry) in enumerate(analysis.items()):
-        color = colors[i % len(colors)]
-        pts = entry["points"]
-        xs = [p["ratio"] for p in pts]
-        ys = [p["val_loss"] for p in pts]
+        ax, color = axes[0][i], colors[i % len(colors)]
         seeds = defaultdict(list)
         for r in entry["rows"]:
             if r["series"] == MAIN_SERIES and r["lr"] == entry["lr"]:
                 seeds[round(r["rho"], 6)].append(r["val_loss"])
+        xs = [p["ratio"] for p in entry["points"]]
+        ys = [p["val_loss"] for p in entry["points"]]
         lo = [y - min(seeds[round(x, 6)]) for x, y in zip(xs, ys)]
         hi = [max(seeds[round(x, 6)]) - y for x, y in zip(xs, ys)]
-        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color=color, capsize=3, label=f"{budget}: Engram/MoE (seed range)")
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color=color, capsize=3, label="Engram + MoE (bars: seed range)")
         if "fit" in entry:
             fit = entry["fit"]
             grid = np.linspace(*fit["range"], 200)
-            ax.plot(grid, np.polyval(fit["coefficients"], grid), "-", color=color, alpha=0.7)
+            ax.plot(grid, np.polyval(fit["coefficients"], grid), "-", color=color, alpha=0.6, label="quadratic fit")
             ymin = float(np.polyval(fit["coefficients"], fit["argmin"]))
             ax.errorbar([fit["argmin"]], [ymin], xerr=[[fit["argmin"] - fit["argmin_interval_90"][0]],
-                        [fit["argmin_interval_90"][1] - fit["argmin"]]], fmt="*", ms=14, color=color, capsize=4,
-                        label=f"{budget}: fitted min {fit['argmin']:.2f}" + ("" if fit["interior"] else " (range end)"))
+                        [fit["argmin_interval_90"][1] - fit["argmin"]]], fmt="*", ms=13, color="black", capsize=4,
+                        label=f"fitted min {fit['argmin']:.2f} (90% bootstrap)" + ("" if fit["interior"] else ", range end"))
         nulls = [r for r in entry["rows"] if r["series"] == NULL_MEMORY_SERIES]
         if nulls:
-            ax.plot([r["rho"] for r in nulls], [r["val_loss"] for r in nulls], "s", mfc="none", color=color,
-                    label=f"{budget}: null-memory block")
-    ax.set_xlabel("allocation ratio rho (share of sparse parameters in routed experts)")
-    ax.set_ylabel("validation loss (nats)")
-    ax.set_title("Validation loss vs allocation ratio at fixed P_tot and P_act")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+            ax.plot([r["rho_requested"] for r in nulls], [r["val_loss"] for r in nulls], "s", mfc="none", ms=8,
+                    color="tab:red", label="null memory (block, 1 row/head)")
+        others = [r for r in entry["rows"] if r["series"] == LR_SERIES]
+        if others:
+            ax.plot([r["rho"] for r in others], [r["val_loss"] for r in others], "x", color="gray",
+                    label="other learning rates")
+        ax.set_title(f"{budget}: {', '.join(f'{t / 1e6:.2g}M' for t in entry['tokens'])} tokens, "
+                     f"{entry['tokens_per_param'] or 0:.0f} tokens/param", fontsize=10)
+        ax.set_xlabel("allocation ratio rho (routed experts' share of sparse params)")
+        ax.set_ylabel("validation loss (nats)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     if memory:
-        ax2 = axes[0][1]
+        ax2 = axes[0][-1]
         for i, (budget, entry) in enumerate(memory.items()):
-            ax2.loglog(entry["rows"], entry["val_loss"], "o-", color=colors[i % len(colors)], label=budget)
+            ax2.loglog(entry["rows"], entry["val_loss"], "o", color=colors[i % len(colors)], label=budget)
             if "fit" in entry:
                 f = entry["fit"]
-                ax2.plot(entry["rows"], [f["a"] * r ** -f["alpha"] for r in entry["rows"]], "--", color=colors[i % len(colors)],
-                         label=f"{budget}: alpha {f['alpha']:.4f}")
-        ax2.set_xlabel("Engram rows (fixed backbone)")
+                ax2.plot(entry["rows"], [f["a"] * r ** -f["alpha"] for r in entry["rows"]], "--",
+                         color=colors[i % len(colors)], label=f"{budget}: loss ~ rows^-{f['alpha']:.4f}")
+        ax2.set_xlabel("Engram rows (backbone fixed)")
         ax2.set_ylabel("validation loss (nats)")
-        ax2.set_title("Infinite memory: loss vs table size")
+        ax2.set_title("Infinite memory", fontsize=10)
         ax2.legend(fontsize=7)
         ax2.grid(alpha=0.3, which="both")
+    fig.suptitle("Validation loss vs allocation ratio at fixed P_tot and P_act", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
