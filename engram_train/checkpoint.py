@@ -25,14 +25,12 @@ before the next save, after the last step and before a preemption exit.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import multiprocessing
 import os
 import random
 import re
 import shutil
-import signal
 from functools import partial as bind
 from multiprocessing.managers import SyncManager
 from pathlib import Path
@@ -51,6 +49,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import (
 from engram_train.backbone.checkpoint import backbone_sharded_state_dict, load_backbone
 from engram_train.memory import checkpoint as table_files
 from engram_train.parallel import on_every_rank
+from engram_train.preemption import die_with_parent, ignore_stop_signals_and_die_with_parent, stop_signals_blocked
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -255,19 +254,10 @@ def _write_rank_files(backbone_fn, backbone_args, backbone_kwargs, folder: Path,
     atomic_torch_save(rank_state, folder / f"rank_{rank}.pt")
 
 
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        pass
-
-
-def _init_writer_manager() -> None:
+def _init_writer_manager(trainer_pid: int) -> None:
     """Ignore the scheduler's stop signals, but die with the trainer: after a kill -9 of the trainer an
     orphaned manager ignoring SIGTERM would otherwise live on (and spin)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
-    _die_with_parent()
+    ignore_stop_signals_and_die_with_parent(trainer_pid)
 
 
 _forking_writers = False
@@ -275,7 +265,7 @@ _forking_writers = False
 
 def _after_fork_in_child() -> None:
     if _forking_writers:
-        _die_with_parent()
+        die_with_parent()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -307,7 +297,8 @@ def _shield_checkpoint_writer() -> None:
     """
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=_init_writer_manager)
+        with stop_signals_blocked():  # until the manager has set its own dispositions
+            manager.start(initializer=_init_writer_manager, initargs=(os.getpid(),))
         filesystem_async._results_queue = manager.Queue()
 
 

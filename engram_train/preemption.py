@@ -4,16 +4,65 @@ request a checkpoint at the next step boundary.
 
 Ranks can receive the signal at different moments, so ``should_stop`` agrees on it with one tiny
 all-reduce per step: every rank saves at the same step.
+
+Schedulers signal every process of a job (``scancel``, preemption, ``kill -TERM -- -PGID``, torchrun's
+shutdown), so the trainer's helper processes (loader workers, checkpoint writers) ignore these signals and
+leave them to the trainer, and die with it instead (``ignore_stop_signals_and_die_with_parent``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
 import signal
 
 from engram_train.parallel import on_any_rank
 
 #: Exit status after a preemption checkpoint (EX_TEMPFAIL: "try again"); launch/slurm.sbatch requeues on it.
 REQUEUE_EXIT_CODE = 75
+
+#: What schedulers and launchers send to stop or warn a job; only the trainer acts on them.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    A helper that outlives a ``kill -9`` of its trainer keeps the trainer's sockets open (the peers then
+    notice the death only after ``parallel.timeout_s``) and blocks forever on a pipe nobody reads.
+    ``parent_pid``: exit at once if the parent died before the request was made.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def ignore_stop_signals_and_die_with_parent(parent_pid: int | None = None) -> None:
+    """For a helper process: leave the stop signals to the trainer, and never outlive it."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by ``stop_signals_blocked`` around the fork
+    die_with_parent(parent_pid)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Hold the stop signals back while helper processes are started (they arrive afterwards).
+
+    A child forked meanwhile inherits the mask, so a signal to the process group cannot kill it before it
+    has set its own dispositions (``ignore_stop_signals_and_die_with_parent`` unblocks them).
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class PreemptionWatch:

@@ -17,14 +17,25 @@ different ``micro_batch_size`` still resumes without loss; a different dp world 
 changes which rows each stream owns and is refused.
 
 Hash ids are computed in the workers (the trainer then only does table lookups).
+
+The workers are the trainer's helpers: they ignore the scheduler's stop signals (the trainer alone checkpoints
+and exits on them), die with the trainer (a ``kill -9`` of a rank leaves nothing that holds its sockets), and
+a worker that dies anyway (the OOM killer, a stray ``kill``) is restarted at the consumed position, which
+keeps the data order exact.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
+import os
+import signal
+import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -34,6 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from engram_train.data.manifest import PREPARE_HINT, DataError, Dataset, open_dataset
 from engram_train.data.stream import BadShard, RowStream, StreamSpec, read_shard
 from engram_train.memory.dedup import UniqueIds
+from engram_train.preemption import ignore_stop_signals_and_die_with_parent, stop_signals_blocked
 
 log = logging.getLogger(__name__)
 
@@ -117,20 +129,76 @@ class TrainLoader:
         self.dataset, self.spec, self.state = dataset, spec, state
         self.batch_size, self.num_workers, self.hasher, self.eos = batch_size, num_workers, hasher, eos
         self._it: Iterator | None = None
+        #: ``state.batches`` when the workers were last restarted after a death (a second death there is fatal).
+        self._restarted_at: int | None = None
+        #: How the current workers' dead one ended, once noticed; ``_in_next``: waiting for a batch.
+        self._worker_death: str | None = None
+        self._in_next = False
 
     def _start(self) -> Iterator:
         streams = _TrainStreams(self.spec, self.state, self.batch_size, self.hasher, self.eos)
         if self.num_workers == 0:
             return iter(streams)
-        return iter(DataLoader(streams, batch_size=None, num_workers=self.num_workers, prefetch_factor=4))
+        loader = DataLoader(streams, batch_size=None, num_workers=self.num_workers, prefetch_factor=4,
+                            worker_init_fn=partial(_init_worker, os.getpid()))
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        before = signal.getsignal(signal.SIGCHLD) if on_main_thread else None
+        with stop_signals_blocked():  # a signal to the process group must not reach a worker before its init
+            iterator = iter(loader)
+        if on_main_thread:
+            _watch_worker_deaths(self, before)
+        return iterator
+
+    def _notice_dead_workers(self) -> None:
+        """From the SIGCHLD handler: remember a dead worker; inside ``next`` also interrupt the wait for its batch.
+
+        torch's own handler raises wherever the trainer happens to be (inside a collective, a checkpoint save),
+        and without any handler a worker killed while writing a batch leaves half a message in the queue, on
+        which the trainer would block forever.
+        """
+        if self._worker_death is not None:
+            return
+        dead = [w for w in getattr(self._it, "_workers", ()) if w.exitcode not in (None, 0)]
+        if dead:
+            self._worker_death = ", ".join(_describe_exit(w) for w in dead)
+            if self._in_next:
+                raise _WorkerDied(self._worker_death)
+
+    def _next_batch(self) -> _WorkerBatch:
+        while True:
+            if self._it is None:
+                self._it = self._start()
+            if self._worker_death is None:
+                self._in_next = True
+                try:
+                    return next(self._it)
+                except _WorkerDied:
+                    pass
+                except RuntimeError as error:  # torch's periodic check found the death first
+                    if "DataLoader worker" not in str(error):
+                        raise
+                    self._worker_death = self._worker_death or str(error)
+                finally:
+                    self._in_next = False
+            self._restart_after_worker_death()
+
+    def _restart_after_worker_death(self) -> None:
+        """Replace the workers at the consumed position (the state holds no prefetched batch: the order is exact)."""
+        dead, at = self._worker_death, self.state.batches
+        if self._restarted_at == at:
+            raise DataError(f"data: loader worker {dead} died again at batch {at} right after a restart; its error is in "
+                            "this log above. If it was killed for memory (SIGKILL), lower data.num_workers or "
+                            "experiment.micro_batch_size; relaunch to resume from the newest checkpoint")
+        log.warning("data: loader worker %s died at batch %d; restarting the workers at that position (the data order "
+                    "is unchanged)", dead, at)
+        self._restarted_at = at
+        self.close()
 
     def __iter__(self) -> TrainLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor | None]:
-        if self._it is None:
-            self._it = self._start()
-        batch: _WorkerBatch = next(self._it)
+        batch = self._next_batch()
         expected = self.state.batches % self.state.workers
         if batch.worker != expected:
             raise RuntimeError(f"loader: batch {self.state.batches} came from worker {batch.worker}, expected {expected}; "
@@ -176,7 +244,65 @@ class TrainLoader:
 
     def close(self) -> None:
         """Stop the worker processes (a new iterator starts on the next ``next``)."""
-        self._it = None
+        workers = list(getattr(self._it, "_workers", ()))
+        self._it, self._worker_death = None, None  # torch's shutdown: the workers see it and exit
+        _kill(workers)  # any that did not (they ignore the SIGTERM torch would follow up with)
+
+
+def _init_worker(trainer_pid: int, worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: leave SIGTERM/SIGUSR1/SIGUSR2/SIGINT to the trainer, and die with it.
+
+    torch's own SIGTERM handler in the worker exits on any sender's SIGTERM, so a ``scancel`` or a preemption
+    (which signal the whole process group) would kill the worker under the trainer's preemption checkpoint.
+    """
+    ignore_stop_signals_and_die_with_parent(trainer_pid)
+
+
+class _WorkerDied(Exception):
+    """Raised by the SIGCHLD handler into a ``next`` that waits for a dead worker's batch."""
+
+
+_watched_loaders: weakref.WeakSet[TrainLoader] = weakref.WeakSet()
+_chained_sigchld = None
+
+
+def _on_sigchld(signum, frame) -> None:
+    for loader in list(_watched_loaders):
+        loader._notice_dead_workers()
+    if _chained_sigchld is not None:
+        _chained_sigchld(signum, frame)
+
+
+def _watch_worker_deaths(loader: TrainLoader, before) -> None:
+    """Install our SIGCHLD handler in place of the one torch installs with the first DataLoader iterator
+    (``before``: the handler before that iterator, which ours chains to)."""
+    global _chained_sigchld
+    _watched_loaders.add(loader)
+    if before is not _on_sigchld:
+        _chained_sigchld = before if callable(before) else None
+    signal.signal(signal.SIGCHLD, _on_sigchld)
+
+
+def _kill(workers) -> None:
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
+
+
+@atexit.register
+def _kill_workers_at_exit() -> None:
+    """Runs before multiprocessing's exit hook (registered earlier), which would SIGTERM the workers and join
+    them: they ignore SIGTERM, so a trainer leaving with an exception (its frames keep the loader alive) would
+    wait forever."""
+    for loader in list(_watched_loaders):
+        _kill(list(getattr(loader._it, "_workers", ())))
+
+
+def _describe_exit(process) -> str:
+    code = process.exitcode
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+    return f"pid {process.pid} ({how})"
 
 
 def _data_id(dataset: Dataset) -> str:

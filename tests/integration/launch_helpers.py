@@ -34,15 +34,39 @@ def free_port() -> int:
 def start_ranks(cmd: list[str], *, world: int, env: dict, log_dir: Path) -> list[subprocess.Popen]:
     """Start ``world`` copies of ``cmd`` as ranks 0..world-1 of one job, with the env torchrun would set but
     no agent watching them (so a dead rank is noticed by its peers, not torn down for them).
-    Rank r's output goes to ``log_dir/rank_<r>.log``."""
+    Rank r's output goes to ``log_dir/rank_<r>.log``. The ranks form one new process group (its id is rank 0's
+    pid), as a job's tasks do: ``run_processes`` lists what of the job still runs, ``kill_group`` ends it."""
     port = free_port()
     ranks = []
     for rank in range(world):
         rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                     "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        group = ranks[0].pid if ranks else 0
         with open(log_dir / f"rank_{rank}.log", "w") as out:
-            ranks.append(subprocess.Popen(cmd, cwd=REPO, env=rank_env, stdout=out, stderr=subprocess.STDOUT, text=True))
+            ranks.append(subprocess.Popen(cmd, cwd=REPO, env=rank_env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                          process_group=group))
     return ranks
+
+
+def run_processes(group: int) -> list[str]:
+    """The live (not zombie) processes of process group ``group``, with their command lines."""
+    alive = []
+    for pid in run(["pgrep", "-g", str(group)]).stdout.split():
+        try:
+            status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if status != "Z":
+                alive.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_text().replace(chr(0), ' ')[:200]}")
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            pass
+    return alive
+
+
+def kill_group(group: int) -> None:
+    """SIGKILL whatever of process group ``group`` still runs (test clean-up)."""
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 # ---------------------------------------------------------------- SLURM

@@ -1,6 +1,8 @@
-"""Surviving failures: preemption signals, kill -9 of one rank (under torchrun, and without a launcher:
-the survivor must fail fast), half-written checkpoints, NaN losses, async checkpoints, and resuming a TP=2
-checkpoint at TP=1. Each run is the real CLI (or torchrun) on a real dataset."""
+"""Surviving failures: preemption signals (to the trainer's whole process group, as schedulers send them),
+a killed loader worker, kill -9 of one rank (under torchrun, and without a launcher: the survivor must fail
+fast and nothing of the job may remain), half-written checkpoints, NaN losses, async checkpoints, and resuming
+a TP=2 checkpoint at TP=1. Each CLI run is the real CLI (or torchrun) on a real dataset with the default
+loader workers (data.num_workers=1), as users run it."""
 
 from __future__ import annotations
 
@@ -23,15 +25,20 @@ from engram_train.preemption import REQUEUE_EXIT_CODE
 from engram_train.train import NonFiniteLossError, train
 
 from .conftest import REPO, TINY_OVERRIDES
-from .launch_helpers import start_ranks, wait_for
+from .launch_helpers import kill_group, run_processes, start_ranks, wait_for
 
 pytestmark = pytest.mark.slow
 
 STEPS = 10
 
 
+#: The tiny model, with the default loader workers: worker processes are what scheduler signals and dead ranks
+#: break (TINY_OVERRIDES' data.num_workers=0 keeps the in-process tests simple).
+CLI_OVERRIDES = [o for o in TINY_OVERRIDES if not o.startswith("data.num_workers=")]
+
+
 def _args(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [*TINY_OVERRIDES, f"data.path={dataset}", f"experiment.run_dir={run_dir}",
+    return [*CLI_OVERRIDES, f"data.path={dataset}", f"experiment.run_dir={run_dir}",
             f"experiment.total_tokens={STEPS * 1024}", "experiment.log_every=1", "experiment.eval_every=1000",
             "experiment.wandb.mode=disabled", *extra]
 
@@ -61,9 +68,11 @@ def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def _start(cmd: list[str], log: Path) -> tuple[subprocess.Popen, Path]:
-    """Start in the background, output to a file (an unread pipe would fill up and block the trainer)."""
+    """Start in the background in a process group of its own (as a scheduler's job step), output to a file
+    (an unread pipe would fill up and block the trainer)."""
     with open(log, "w") as out:
-        return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True), log
+        return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True,
+                                process_group=0), log
 
 
 def _wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -100,22 +109,44 @@ def _alive(pids: list[int]) -> list[str]:
     return alive
 
 
-def test_sigterm_checkpoints_exits_for_requeue_and_resume_continues_the_same_curve(tiny_dataset, tmp_path):
+def _loader_workers(pid: int) -> list[int]:
+    """The trainer's DataLoader workers (torch names their thread pt_data_worker)."""
+    return [c for c in _children(pid) if Path(f"/proc/{c}/comm").read_text().strip() == "pt_data_worker"]
+
+
+def _wait_for_text(log: Path, text: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    wait_for(lambda: text in log.read_text() or process.poll() is not None, timeout_s=timeout, what=f"{text!r} in {log}",
+             poll_s=0.2)
+    assert text in log.read_text(), f"trainer exited with {process.returncode}: {log.read_text()[-3000:]}"
+
+
+def test_sigterm_to_the_process_group_checkpoints_exits_for_requeue_and_resume_continues_the_same_curve(
+        tiny_dataset, tmp_path):
+    """scancel, SLURM preemption and torchrun signal every process of the job, loader workers included; a worker
+    that dies anyway (here kill -9, as the OOM killer does) is restarted where the trainer stood."""
     reference = tmp_path / "reference"
     _run(_single(tiny_dataset, reference))
 
     run_dir = tmp_path / "preempted"
     process, log = _start(_single(tiny_dataset, run_dir), tmp_path / "preempted.log")
-    _wait_for_step(run_dir, 3, process)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=300)
+    try:
+        _wait_for_step(run_dir, 2, process)
+        (worker,) = _loader_workers(process.pid)
+        os.kill(worker, signal.SIGKILL)
+        _wait_for_text(log, f"loader worker pid {worker} (killed by SIGKILL) died", process)
+        _wait_for_step(run_dir, 4, process)
+        assert len(_loader_workers(process.pid)) == 1
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=300)
+    finally:
+        kill_group(process.pid)
     output = log.read_text()
     assert process.returncode == REQUEUE_EXIT_CODE, output[-3000:]
     saved = Checkpointer(run_dir, rank=0, world=1, keep=2).latest()
     assert saved is not None and (saved / MARKER).exists()
     stopped_at = int(saved.name.split("_")[1])
-    assert 3 <= stopped_at < STEPS
-    assert "SIGTERM" in output
+    assert 4 <= stopped_at < STEPS
+    assert "SIGTERM" in output and "DataLoader worker" not in output, output[-3000:]
 
     _run(_single(tiny_dataset, run_dir))
     assert _losses(run_dir) == _losses(reference), "the resumed run must continue the same loss curve exactly"
@@ -145,8 +176,9 @@ def test_kill_9_of_one_torchrun_rank_then_relaunch_resumes_exactly(tiny_dataset,
 
 def test_a_dead_rank_makes_the_survivor_fail_fast_and_the_last_complete_checkpoint_loads(tiny_dataset, tiny_config,
                                                                                         tmp_path):
-    """No launcher to tear the job down: rank 0 itself must notice rank 1's death, within parallel.timeout_s."""
-    timeout_s, run_dir = 20, tmp_path / "run"
+    """No launcher to tear the job down: rank 0 itself must notice rank 1's death, within seconds: rank 1's loader
+    worker dies with it, so nothing keeps rank 1's connections open until parallel.timeout_s."""
+    timeout_s, run_dir = 120, tmp_path / "run"
     # Async saves every step: whenever rank 1 dies, a save is in flight on rank 0 and must stay partial.
     layout = ["parallel.ep=2", "experiment.micro_batch_size=4", "experiment.checkpoint_every=1",
               "experiment.checkpoint_async=true", f"parallel.timeout_s={timeout_s}"]
@@ -161,24 +193,25 @@ def test_a_dead_rank_makes_the_survivor_fail_fast_and_the_last_complete_checkpoi
     try:
         wait_for(saving_after_a_complete_checkpoint, timeout_s=300, what="a save after a complete checkpoint", poll_s=0.05)
         assert all(r.poll() is None for r in ranks), (tmp_path / "rank_0.log").read_text()[-3000:]
-        helpers = [d for r in ranks for d in _descendants(r.pid)]  # checkpoint writers, their queue's manager
+        helpers = [d for r in ranks for d in _descendants(r.pid)]  # loader workers, checkpoint writers, queue managers
+        assert any(Path(f"/proc/{h}/comm").read_text().strip() == "pt_data_worker" for h in helpers if _alive([h]))
         ranks[1].kill()
         killed = time.monotonic()
         ranks[0].wait(timeout=timeout_s + 60)
         waited = time.monotonic() - killed
         print(f"rank 0 exited {waited:.1f} s after rank 1 was killed")
+        # Nothing of the job outlives its ranks (a writer killed mid-save, a loader worker, would otherwise block
+        # forever and hold the dead rank's sockets).
+        wait_for(lambda: not run_processes(ranks[0].pid), timeout_s=15, poll_s=0.2,
+                 what=f"the job's processes to exit: {run_processes(ranks[0].pid)}")
     finally:
-        for rank in ranks:
-            if rank.poll() is None:
-                rank.kill()
+        kill_group(ranks[0].pid)
     output = (tmp_path / "rank_0.log").read_text()
     assert ranks[0].returncode not in (0, REQUEUE_EXIT_CODE), output[-3000:]
-    assert waited < timeout_s + 30, f"rank 0 took {waited:.0f} s to notice"
+    assert waited < 30, f"rank 0 took {waited:.0f} s to notice"
     assert "PeerFailureError: rank 0/2" in output and "rank(s) 1 did not report back" in output, output[-3000:]
     assert f"parallel.timeout_s={timeout_s}" in output
-    # Nothing the ranks started outlives them (a writer killed mid-save would otherwise block forever).
-    wait_for(lambda: not _alive(helpers), timeout_s=15, what=f"the ranks' helper processes to exit: {_alive(helpers)}",
-             poll_s=0.2)
+    assert not _alive(helpers)
     latest = checkpoints.latest()
     others = [d.name for d in (run_dir / "checkpoints").iterdir() if d != latest and not (d / MARKER).exists()]
     assert others and all(name.endswith(".partial") for name in others), others
