@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from engram_train.backbone import build_model
 from engram_train.checkpoint import Checkpointer, rng_state, set_rng_state
+from engram_train import relaunch
 from engram_train.config import Config, ConfigError, to_config, validate
 from engram_train.data import build_train_loader, build_val_loader, open_dataset
 from engram_train.engram import NgramHasher
@@ -98,6 +99,11 @@ def train(cfg: Config, allocation: AllocationPlan | None = None) -> dict:
     x = cfg.experiment
     run_dir = Path(x.run_dir)
     dims = ParallelDims.from_config(cfg)
+    checkpointer = Checkpointer(run_dir, rank=dims.rank, world=dims.world, keep=x.keep_checkpoints,
+                                async_save=x.checkpoint_async)
+    latest = checkpointer.latest() if x.auto_resume else None
+    # Before any work: a relaunch must not resume (and then overwrite) the run with another model or data order.
+    changes = relaunch.changes_since(cfg, latest) if latest is not None else {}
     groups = init_process_groups(dims)
     watch = PreemptionWatch()
     try:
@@ -126,9 +132,6 @@ def train(cfg: Config, allocation: AllocationPlan | None = None) -> dict:
 
         # Resume from the newest complete checkpoint: model, optimizer, table, data position, RNG.
         state = TrainState()
-        checkpointer = Checkpointer(run_dir, rank=dims.rank, world=dims.world, keep=x.keep_checkpoints,
-                                    async_save=x.checkpoint_async)
-        latest = checkpointer.latest() if x.auto_resume else None
         if latest is not None:
             saved, _ = checkpointer.load(latest, model=model, optimizer=optimizer, table=table, dp_rank=dp_rank)
             loader.load_state_dict(saved["loader"])
@@ -139,7 +142,8 @@ def train(cfg: Config, allocation: AllocationPlan | None = None) -> dict:
             return checkpointer.save(
                 state.step, model=model, optimizer=optimizer, table=table,
                 rank_state={"loader": loader.state_dict(), "rng": rng_state(), "train": asdict(state), "dp_rank": dp_rank},
-                meta={"tokens_seen": state.tokens_seen, "engram": hasher.config_fingerprint() if hasher else None},
+                meta={"tokens_seen": state.tokens_seen, "engram": hasher.config_fingerprint() if hasher else None,
+                      "config": relaunch.config_record(cfg)},
             )
 
         def report_sealed(sealed: Path | None) -> None:
@@ -158,6 +162,10 @@ def train(cfg: Config, allocation: AllocationPlan | None = None) -> dict:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         if latest is not None:
             logger.print(f"resumed from {latest} at step {state.step} ({state.tokens_seen:,} tokens)")
+        if changes:
+            logger.print(f"[yellow]{relaunch.describe(changes, latest)}[/yellow]")
+            if dims.is_main:
+                relaunch.record(run_dir, changes, latest, state.step)
         logger.print(plan.describe(model, table))
         if allocation is not None:
             logger.print(allocation.describe())
@@ -317,10 +325,10 @@ def main(dict_cfg: DictConfig) -> None:
     try:
         cfg, allocation = apply_allocation(to_config(dict_cfg))
         validate(cfg)
-    except ConfigError as error:
+        summary = train(cfg, allocation)
+    except ConfigError as error:  # composition, validation, and the checks that need the data or the run folder
         print(f"config error: {error}", file=sys.stderr)
         sys.exit(2)
-    summary = train(cfg, allocation)
     if summary["preempted"]:
         hand_over(summary["stop_signal"])  # under submitit, rank 0 requeues the job here and exits
         sys.exit(REQUEUE_EXIT_CODE)
