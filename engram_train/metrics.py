@@ -28,8 +28,7 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = run_dir / "metrics.jsonl"
-        if resume_step:
-            self._truncate_after(resume_step)
+        self._truncate_after(resume_step)
         self._jsonl = self.jsonl_path.open("a")
         if wandb_mode != "disabled":
             import wandb
@@ -55,10 +54,12 @@ class MetricsLogger:
             self.wandb_dir = str(Path(self.wandb_run.dir).parent)
 
     def _truncate_after(self, step: int) -> None:
-        """On resume drop records past the checkpoint, so the file holds one continuous curve."""
+        """Drop records past the checkpoint resumed from, so the file holds each step once after any crash and
+        relaunch; from scratch (``step`` 0, e.g. a crash before the first checkpoint) nothing is kept."""
         if not self.jsonl_path.exists():
             return
-        kept = [line for line in self.jsonl_path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        kept = [line for line in self.jsonl_path.read_text().splitlines()
+                if step and _step_of(line) is not None and _step_of(line) <= step]
         tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.jsonl_path)
@@ -89,6 +90,14 @@ class MetricsLogger:
         self._jsonl.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line a crash cut short."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return None
 
 
 def _plain(value: Any) -> Any:
