@@ -10,7 +10,12 @@ Layout of ``<run_dir>/checkpoints/step_00000100/``:
 Everything is written into ``step_<n>.partial`` first; once every rank's files are on disk rank 0
 writes the marker and renames the folder, so a crash at any moment leaves either a complete checkpoint
 or an ignored partial one. Our files load with ``weights_only=True``: they hold tensors and plain
-Python values only.
+Python values only; the backbone's DCP files load without running code too (``backbone.checkpoint``).
+
+``meta.json`` records the sha256 of every other file of the folder. Resuming (``load_newest``) takes the
+newest complete checkpoint that verifies and loads: one that does not is reported (folder, file, reason),
+renamed ``step_<n>.damaged`` (never deleted, never pruned) and the previous one is tried. Partial folders
+left by a crash are removed when a run starts.
 
 With ``experiment.checkpoint_async=true`` the step boundary only plans the save and forks a writer
 process per rank (Megatron's ``TemporalAsyncCaller``): the fork is the consistent snapshot (the
@@ -25,12 +30,16 @@ before the next save, after the last step and before a preemption exit.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import random
 import re
 import shutil
+import pickle
+import zipfile
 from functools import partial as bind
 from multiprocessing.managers import SyncManager
 from pathlib import Path
@@ -45,18 +54,29 @@ from megatron.core.dist_checkpointing.strategies.async_utils import (
     AsyncCallsQueue,
     AsyncRequest,
 )
+from torch.distributed.checkpoint.api import CheckpointException
 
-from engram_train.backbone.checkpoint import backbone_sharded_state_dict, load_backbone
+from engram_train.backbone.checkpoint import backbone_sharded_state_dict, load_backbone, read_dcp_metadata
 from engram_train.memory import checkpoint as table_files
 from engram_train.parallel import on_every_rank
 from engram_train.preemption import die_with_parent, ignore_stop_signals_and_die_with_parent, stop_signals_blocked
 
 MARKER = "COMPLETE"
+#: Suffix of a checkpoint folder that failed verification or loading (kept for inspection).
+SET_ASIDE = ".damaged"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+#: What reading a truncated, altered or planted file raises (a mismatch with the run is not damage).
+_DAMAGE = (OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, CheckpointException)
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match the run."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint's files do not verify or cannot be read; the message names the folder, the file and why."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -111,12 +131,8 @@ class Checkpointer:
 
     def latest(self) -> Path | None:
         """Newest complete checkpoint; partial folders (no marker) are ignored."""
-        if not self.root.exists():
-            return None
-        complete = [
-            d for d in self.root.iterdir() if _STEP_DIR.match(d.name) and (d / MARKER).exists()
-        ]
-        return max(complete, key=lambda d: int(_STEP_DIR.match(d.name).group(1)), default=None)
+        complete = self.complete()
+        return complete[0] if complete else None
 
     def save(self, step: int, *, model, optimizer, table, rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
         """Collective: every rank writes its part, rank 0 seals the folder. Returns the final path.
@@ -188,7 +204,8 @@ class Checkpointer:
         if table_meta is not None:  # async: the table shards are on disk, its meta may now be written
             table_files.write_table_meta(table_meta, partial)
         if self.rank == 0:
-            (partial / "meta.json").write_text(json.dumps(meta, indent=2))
+            meta = {**meta, "sha256": {name: _sha256(partial / name) for name in _checked_files(partial)}}
+            table_files.atomic_write(partial / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
             (partial / MARKER).write_text("ok\n")
             if final.exists():
                 shutil.rmtree(final)
@@ -201,11 +218,104 @@ class Checkpointer:
         for old in complete[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: Path, *, model, optimizer, table, dp_rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restore model, optimizer and table in place (any layout); return this DP rank's state and meta."""
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, newest first."""
+        if not self.root.exists():
+            return []
+        found = [d for d in self.root.iterdir() if _STEP_DIR.match(d.name) and (d / MARKER).exists()]
+        return sorted(found, key=lambda d: int(_STEP_DIR.match(d.name).group(1)), reverse=True)
+
+    def remove_stale_partials(self) -> None:
+        """Rank 0, at start-up: delete what crashed saves left (``step_<n>.partial``); they never count."""
+        if self.rank == 0 and self.root.exists():
+            for stale in self.root.glob("step_*.partial"):
+                log.warning("removing %s, left by a save that did not finish", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        _barrier()
+
+    def verify(self, path: Path) -> str | None:
+        """What is wrong with ``path``'s files (``"<file>: <reason>"``), or None: every file has its recorded sha256
+        (checkpoints written before checksums skip that), the DCP metadata holds only metadata types and every
+        ``.pt`` file loads ``weights_only``."""
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+        except (OSError, ValueError) as error:
+            return f"meta.json: unreadable ({error})"
+        for name, digest in meta.get("sha256", {}).items():
+            if not (path / name).is_file():
+                return f"{name}: missing"
+            actual = _sha256(path / name)
+            if actual != digest:
+                return f"{name}: sha256 {actual[:16]}... differs from the recorded {digest[:16]}... (truncated or altered)"
+        # Readable without running code: DCP's metadata pickle, and every torch.save'd file (ours, Megatron's common.pt).
+        readers = {"backbone/.metadata": read_dcp_metadata}
+        readers.update({str(f.relative_to(path)): _read_weights_only for f in sorted(path.rglob("*.pt"))})
+        for name, read in readers.items():
+            try:
+                read(path / name)
+            except Exception as error:  # noqa: BLE001 - whatever a damaged or planted pickle raises
+                return f"{name}: {_first_line(error)}"
+        return None
+
+    def load_newest(self, *, model, optimizer, table, dp_rank: int) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+        """Collective: load the newest checkpoint that verifies (on rank 0) and loads (on every rank).
+
+        A damaged one is reported (folder, file, reason), renamed ``<folder>.damaged`` and the previous one
+        is tried; a mismatch with the run (layout, optimizer, data) raises as ``load`` does. Returns
+        (folder, this rank's state, meta), or None where there is no checkpoint. A failed load may have
+        changed the model in part, so when checkpoints exist but none loads the run stops.
+        """
+        candidates, set_aside = self.complete(), []
+        for path in candidates:
+            problem = _broadcast_from_rank_0(self.verify(path) if self.rank == 0 else None)
+            if problem is None:
+                try:
+                    saved, meta = self.load(path, model=model, optimizer=optimizer, table=table, dp_rank=dp_rank,
+                                            verified=True)
+                except DamagedCheckpointError as error:
+                    problem = str(error).removeprefix(f"{path}: ")
+                except _DAMAGE as error:
+                    problem = _first_line(error)
+                except RuntimeError as error:  # torch.load of a damaged zip
+                    if "PytorchStreamReader" not in str(error):
+                        raise
+                    problem = _first_line(error)
+                if on_every_rank(problem is None):
+                    return path, saved, meta
+                problem = problem or "loading failed on another rank (see its log)"
+            set_aside.append(self._set_aside(path, problem))
+        if candidates:
+            raise DamagedCheckpointError(
+                f"{self.root}: no checkpoint verifies and loads; they were set aside as {', '.join(map(str, set_aside))}. "
+                "Inspect or restore one (rename it back to step_<n>), or relaunch to train from scratch")
+        return None
+
+    def _set_aside(self, path: Path, problem: str) -> Path:
+        aside = path.with_name(path.name + SET_ASIDE)
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"{path.name}{SET_ASIDE}-{n}")
+        if self.rank == 0:
+            os.replace(path, aside)
+            log.warning("checkpoint %s is damaged (%s); set aside as %s (not deleted); trying the previous one",
+                        path, problem, aside.name)
+        _barrier()
+        return aside
+
+    def load(self, path: Path, *, model, optimizer, table, dp_rank: int,
+             verified: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restore model, optimizer and table in place (any layout); return this DP rank's state and meta.
+
+        Checks the files first unless the caller did (``verified``); raises ``DamagedCheckpointError`` naming
+        the file where one does not verify.
+        """
         path = Path(path)
         if not (path / MARKER).exists():
             raise CheckpointError(f"{path}: not a complete checkpoint (no {MARKER} marker); pick another step folder")
+        problem = None if verified else self.verify(path)
+        if problem is not None:
+            raise DamagedCheckpointError(f"{path}: {problem}")
         meta = json.loads((path / "meta.json").read_text())
         sources = [r for r, d in enumerate(meta["dp_rank_of_rank"]) if d == dp_rank]
         if not sources:
@@ -300,6 +410,37 @@ def _shield_checkpoint_writer() -> None:
         with stop_signals_blocked():  # until the manager has set its own dispositions
             manager.start(initializer=_init_writer_manager, initargs=(os.getpid(),))
         filesystem_async._results_queue = manager.Queue()
+
+
+def _read_weights_only(path: Path) -> None:
+    torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _checked_files(folder: Path) -> list[str]:
+    """The files whose sha256 ``meta.json`` records: all but itself and the marker."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.is_file() and p.name not in ("meta.json", MARKER))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _broadcast_from_rank_0(value: Any) -> Any:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _gather_objects(value: Any) -> list[Any]:

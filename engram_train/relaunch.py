@@ -57,8 +57,14 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def saved_config(checkpoint: Path) -> dict[str, Any] | None:
-    """The config a checkpoint was trained with: its ``meta.json``, else (older checkpoints) the run's config.yaml."""
-    meta = json.loads((checkpoint / "meta.json").read_text())
+    """The config a checkpoint was trained with: its ``meta.json``, else (older checkpoints) the run's config.yaml.
+
+    None where meta.json cannot be read: the checkpoint is damaged, which loading reports (and falls back from).
+    """
+    try:
+        meta = json.loads((checkpoint / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
     if "config" in meta:
         return meta["config"]
     run_yaml = checkpoint.parent.parent / "config.yaml"

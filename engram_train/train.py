@@ -101,9 +101,9 @@ def train(cfg: Config, allocation: AllocationPlan | None = None) -> dict:
     dims = ParallelDims.from_config(cfg)
     checkpointer = Checkpointer(run_dir, rank=dims.rank, world=dims.world, keep=x.keep_checkpoints,
                                 async_save=x.checkpoint_async)
-    latest = checkpointer.latest() if x.auto_resume else None
+    newest = checkpointer.latest() if x.auto_resume else None
     # Before any work: a relaunch must not resume (and then overwrite) the run with another model or data order.
-    changes = relaunch.changes_since(cfg, latest) if latest is not None else {}
+    changes = relaunch.changes_since(cfg, newest) if newest is not None else {}
     groups = init_process_groups(dims)
     watch = PreemptionWatch()
     try:
@@ -130,10 +130,14 @@ def train(cfg: Config, allocation: AllocationPlan | None = None) -> dict:
                                     dp_rank=dp_rank, dp_world=dp_world, eos_reset=cfg.engram.reset_at_doc_boundary,
                                     dataset=dataset)
 
-        # Resume from the newest complete checkpoint: model, optimizer, table, data position, RNG.
-        state = TrainState()
-        if latest is not None:
-            saved, _ = checkpointer.load(latest, model=model, optimizer=optimizer, table=table, dp_rank=dp_rank)
+        # Resume from the newest checkpoint that verifies and loads (damaged ones are set aside).
+        state, latest = TrainState(), None
+        checkpointer.remove_stale_partials()
+        loaded = checkpointer.load_newest(model=model, optimizer=optimizer, table=table, dp_rank=dp_rank) if x.auto_resume else None
+        if loaded is not None:
+            latest, saved, _ = loaded
+            if latest != newest:  # fell back: compare with the config the resumed checkpoint was trained with
+                changes = relaunch.changes_since(cfg, latest)
             loader.load_state_dict(saved["loader"])
             state = TrainState(**saved["train"])
             set_rng_state(saved["rng"])

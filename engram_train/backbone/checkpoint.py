@@ -4,13 +4,24 @@ Megatron's ``sharded_state_dict`` names every tensor by its global key, shape an
 Megatron's optimizer helpers attach the same sharding to each Adam moment. ``dist_checkpointing`` then
 stores it with ``torch.distributed.checkpoint``, and loading into a model of another TP/EP layout reads
 exactly the slices the new layout owns. Engram blocks are replicated on every rank and saved once.
+
+Loading never runs code from the files: torch.distributed.checkpoint unpickles its ``.metadata`` file
+without restriction and its planner loads byte items with ``weights_only=False``, so during a load the
+metadata goes through an unpickler that admits only the checkpoint metadata types and every ``torch.load``
+(Megatron's ``common.pt``, byte items) is ``weights_only``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
+import importlib
+import pickle
+import types
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint.filesystem as dcp_filesystem
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
@@ -67,8 +78,63 @@ def backbone_sharded_state_dict(model, optimizer, *, loading: bool = False) -> d
     return {"model": model_state, "optimizer": optimizer.sharded_state_dict(model_state, loading=loading)}
 
 
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint file asks to load something other than checkpoint data (a planted payload, or foreign data)."""
+
+
+#: Modules whose classes make up DCP metadata (dataclasses and enums), and the few torch values it names.
+_METADATA_MODULES = {"torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner"}
+_METADATA_NAMES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                   ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        obj = None
+        if module in _METADATA_MODULES or (module, name) in _METADATA_NAMES or module == "torch":
+            obj = getattr(importlib.import_module(module), name, None)
+        admitted = (
+            (module, name) in _METADATA_NAMES
+            or (module in _METADATA_MODULES and isinstance(obj, type) and obj.__module__ == module
+                and (hasattr(obj, "__dataclass_fields__") or issubclass(obj, enum.Enum)))
+            or (module == "torch" and isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)))
+        )
+        if not admitted:
+            raise UnsafeCheckpointError(f"it asks to load {module}.{name}, which is not a checkpoint metadata type; "
+                                        "refused (the file is damaged or was planted)")
+        return obj
+
+
+def read_dcp_metadata(path: Path):
+    """A DCP ``.metadata`` file, unpickled with only the checkpoint metadata types admitted."""
+    with open(path, "rb") as f:
+        return _MetadataUnpickler(f).load()
+
+
+_torch_load = torch.load
+
+
+def _weights_only_load(*args, **kwargs):
+    kwargs["weights_only"] = True
+    return _torch_load(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def loading_without_code():
+    """Within: DCP reads ``.metadata`` through ``_MetadataUnpickler`` and every ``torch.load`` is weights_only."""
+    restricted = types.SimpleNamespace(load=lambda f: _MetadataUnpickler(f).load(), dump=pickle.dump,
+                                       dumps=pickle.dumps, loads=pickle.loads)
+    saved_pickle = dcp_filesystem.pickle
+    dcp_filesystem.pickle, torch.load = restricted, _weights_only_load
+    try:
+        yield
+    finally:
+        dcp_filesystem.pickle, torch.load = saved_pickle, _torch_load
+
+
 def load_backbone(model, optimizer, directory: Path) -> None:
-    """Load the slices this rank owns, whatever layout wrote the checkpoint."""
-    loaded = dist_checkpointing.load(backbone_sharded_state_dict(model, optimizer, loading=True), str(directory))
+    """Load the slices this rank owns, whatever layout wrote the checkpoint (no code from the files runs)."""
+    with loading_without_code():
+        loaded = dist_checkpointing.load(backbone_sharded_state_dict(model, optimizer, loading=True), str(directory))
     model.load_state_dict(loaded["model"], strict=True)
     optimizer.load_state_dict(loaded["optimizer"])

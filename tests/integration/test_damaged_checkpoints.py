@@ -1,0 +1,155 @@
+"""Damaged and hostile checkpoints: a truncated or altered file in the newest checkpoint is named, the folder set
+aside (not deleted) and the run resumes from the previous one on the same curve; a pickle payload planted in any
+checkpoint file never runs, even where meta.json's checksum was forged to match."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from engram_train.checkpoint import SET_ASIDE, Checkpointer, _sha256
+from engram_train.train import train
+
+from .conftest import TINY_OVERRIDES, compose_config
+
+pytestmark = pytest.mark.slow
+
+NEWEST, PREVIOUS = "step_00000004", "step_00000002"
+
+
+def _config(dataset: Path, run_dir: Path):
+    return compose_config(*TINY_OVERRIDES, f"data.path={dataset}", f"experiment.run_dir={run_dir}",
+                          f"experiment.total_tokens={4 * 1024}", "experiment.checkpoint_every=2", "experiment.log_every=1",
+                          "experiment.wandb.mode=disabled")
+
+
+def _losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len({r["step"] for r in records}) == len(records), "each step once"
+    return [r["loss"] for r in records if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def original(tiny_dataset, tmp_path_factory) -> Path:
+    """A finished 4-step run with checkpoints at steps 2 and 4."""
+    run_dir = tmp_path_factory.mktemp("original") / "run"
+    train(_config(tiny_dataset, run_dir))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [PREVIOUS, NEWEST]
+    return run_dir
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+class _Payload:
+    """Unpickling it creates a folder: evidence that loading ran code."""
+
+    def __init__(self, evidence: Path):
+        self.evidence = str(evidence)
+
+    def __reduce__(self):
+        return os.mkdir, (self.evidence,)
+
+
+def _relaunch(original: Path, tiny_dataset, tmp_path, damage) -> tuple[Path, dict]:
+    run_dir = tmp_path / "run"
+    shutil.copytree(original, run_dir)
+    damage(run_dir / "checkpoints" / NEWEST)
+    return run_dir, train(_config(tiny_dataset, run_dir))
+
+
+def _assert_set_aside_and_resumed(original: Path, run_dir: Path, summary: dict, log: str, file: str, reason: str) -> None:
+    checkpoints = run_dir / "checkpoints"
+    aside = checkpoints / (NEWEST + SET_ASIDE)
+    assert f"checkpoint {checkpoints / NEWEST} is damaged ({file}: " in log and reason in log, log
+    assert f"set aside as {aside.name}" in log
+    assert aside.is_dir() and (aside / file).exists(), "set aside, never deleted"
+    assert summary["steps"] == 4 and (checkpoints / NEWEST).is_dir()
+    assert _losses(run_dir) == _losses(original), "resumed from the previous checkpoint on the same curve"
+
+
+@pytest.mark.parametrize("file, damage, reason", [
+    ("rank_0.pt", _truncate, "truncated or altered"),
+    ("table-shard-00000-of-00001.pt", _flip, "truncated or altered"),
+    ("backbone/__0_0.distcp", _flip, "truncated or altered"),
+    ("backbone/.metadata", _truncate, "truncated or altered"),
+    ("meta.json", _truncate, "unreadable"),
+])
+def test_a_damaged_newest_checkpoint_is_named_set_aside_and_the_previous_one_resumes(original, tiny_dataset, tmp_path,
+                                                                                    caplog, file, damage, reason):
+    def damage_and_leave_a_partial(folder: Path) -> None:
+        damage(folder / file)
+        shutil.copytree(folder, folder.with_name("step_00000006.partial"))
+
+    with caplog.at_level(logging.WARNING):
+        run_dir, summary = _relaunch(original, tiny_dataset, tmp_path, damage_and_leave_a_partial)
+    _assert_set_aside_and_resumed(original, run_dir, summary, caplog.text, file, reason)
+    assert not (run_dir / "checkpoints" / "step_00000006.partial").exists(), "stale partial removed at start-up"
+
+
+@pytest.mark.parametrize("file", ["backbone/.metadata", "backbone/common.pt", "rank_0.pt", "table-shard-00000-of-00001.pt"])
+def test_a_planted_payload_never_runs_even_with_a_forged_checksum(original, tiny_dataset, tmp_path, caplog, file):
+    evidence = tmp_path / "payload-ran"
+
+    def plant(folder: Path) -> None:
+        target = folder / file
+        if target.name == ".metadata":  # DCP pickles this file itself
+            target.write_bytes(pickle.dumps(_Payload(evidence)))
+        else:
+            torch.save({"rows": _Payload(evidence)}, target)
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["sha256"][file] = _sha256(target)
+        (folder / "meta.json").write_text(json.dumps(meta))
+
+    with caplog.at_level(logging.WARNING):
+        run_dir, summary = _relaunch(original, tiny_dataset, tmp_path, plant)
+    assert not evidence.exists(), f"loading {file} ran the planted code"
+    _assert_set_aside_and_resumed(original, run_dir, summary, caplog.text, file, "")
+
+
+def test_load_verifies_and_names_the_file(original, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(original, copy)
+    _flip(copy / "checkpoints" / NEWEST / "rank_0.pt")
+    checkpointer = Checkpointer(copy, rank=0, world=1, keep=2)
+    assert checkpointer.verify(copy / "checkpoints" / PREVIOUS) is None
+    problem = checkpointer.verify(copy / "checkpoints" / NEWEST)
+    assert problem.startswith("rank_0.pt: sha256 ") and "truncated or altered" in problem
+
+
+
+def test_the_backbone_loader_refuses_payloads_even_unverified(original, tmp_path):
+    """Second line of defence: inside ``loading_without_code`` (where ``load_backbone`` runs Megatron and DCP), the
+    reads DCP and Megatron do themselves refuse a payload instead of running it, whatever verification missed."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from engram_train.backbone.checkpoint import UnsafeCheckpointError, loading_without_code
+
+    evidence = tmp_path / "payload-ran"
+    folder = tmp_path / "backbone"
+    shutil.copytree(original / "checkpoints" / NEWEST / "backbone", folder)
+    with loading_without_code():
+        assert FileSystemReader(str(folder)).read_metadata().state_dict_metadata  # the real metadata still reads
+        (folder / ".metadata").write_bytes(pickle.dumps(_Payload(evidence)))
+        with pytest.raises(UnsafeCheckpointError, match="posix.mkdir|os.mkdir"):
+            FileSystemReader(str(folder)).read_metadata()
+        torch.save({"payload": _Payload(evidence)}, folder / "common.pt")
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(folder / "common.pt", weights_only=False)  # as Megatron calls it
+    assert not evidence.exists(), "loading ran the planted code"
+    torch.load(folder / "common.pt", weights_only=False)  # outside, torch.load is torch's own again
+    assert evidence.exists()
