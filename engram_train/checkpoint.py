@@ -30,6 +30,7 @@ before the next save, after the last step and before a preemption exit.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -73,6 +74,11 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match the run."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A save failed for an OS reason (disk full, quota, permissions): the message gives that cause and that the
+    previous checkpoint is intact."""
 
 
 class DamagedCheckpointError(CheckpointError):
@@ -153,15 +159,15 @@ class Checkpointer:
                 "backbone_optimizer": optimizer.kind, "backbone_optimizer_layout": optimizer.fixed_layout}
         backbone = backbone_sharded_state_dict(model, optimizer)
         if not self.async_save:
-            with _forked_writers_die_with_trainer():
+            with _forked_writers_die_with_trainer(), self._write_errors_explained(partial):
                 dist_checkpointing.save(backbone, str(partial / "backbone"))
-            if table is not None:
-                table.save(partial)
-            atomic_torch_save(rank_state, partial / f"rank_{self.rank}.pt")
-            self._seal(partial, final, meta, table_meta=None)
+                if table is not None:
+                    table.save(partial)
+                atomic_torch_save(rank_state, partial / f"rank_{self.rank}.pt")
+                self._seal(partial, final, meta, table_meta=None)
             return final
 
-        with _forked_writers_die_with_trainer():
+        with _forked_writers_die_with_trainer(), self._write_errors_explained(partial):
             request = dist_checkpointing.save(backbone, str(partial / "backbone"), async_sharded_save=True)
         backbone_args = list(request.async_fn_args)
         if request.preload_fn is not None:  # GPU: copy to host now, the writer process only sees host memory
@@ -188,8 +194,9 @@ class Checkpointer:
     def _finish(self, *, blocking: bool) -> Path | None:
         if self.in_flight is None:
             return None
-        if not self._calls.maybe_finalize_async_calls(blocking=blocking):
-            return None
+        with self._write_errors_explained(self.in_flight.with_name(self.in_flight.name + ".partial")):
+            if not self._calls.maybe_finalize_async_calls(blocking=blocking):
+                return None
         sealed, self.in_flight = self.in_flight, None
         return sealed
 
@@ -212,6 +219,29 @@ class Checkpointer:
             os.replace(partial, final)
             self._prune()
         _barrier()
+
+    @contextlib.contextmanager
+    def _write_errors_explained(self, partial: Path):
+        """Raise a failed save's OS cause. torch's zip writer and Megatron's writer processes report a full disk as
+        ``unexpected pos 704 vs 598`` or a "Worker failure", so on any error we ask the filesystem directly: a
+        small probe write there fails with the real errno (ENOSPC, EDQUOT, EACCES, EROFS...). The partial folder
+        is removed (it holds space and never counts); the previous checkpoint is untouched."""
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except (Exception, CheckpointException) as error:  # noqa: BLE001 - DCP's is a BaseException; any cause is asked
+            cause = _filesystem_error(self.root)
+            if cause is None:
+                raise
+            if self.rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            previous = self.latest()
+            raise CheckpointWriteError(
+                f"{partial}: checkpoint not written: {cause.strerror} ({errno.errorcode.get(cause.errno, cause.errno)}, "
+                f"found by a test write to {self.root}; the writer said: {_first_line(error)}). The previous checkpoint "
+                f"{previous or '(none)'} is intact: free space (or point experiment.run_dir elsewhere) and relaunch to "
+                "resume from it") from error
 
     def _prune(self) -> None:
         complete = sorted(d for d in self.root.iterdir() if _STEP_DIR.match(d.name) and (d / MARKER).exists())
@@ -410,6 +440,22 @@ def _shield_checkpoint_writer() -> None:
         with stop_signals_blocked():  # until the manager has set its own dispositions
             manager.start(initializer=_init_writer_manager, initargs=(os.getpid(),))
         filesystem_async._results_queue = manager.Queue()
+
+
+def _filesystem_error(folder: Path, probe_bytes: int = 1 << 20) -> OSError | None:
+    """The OSError a write of ``probe_bytes`` into ``folder`` raises now, or None where it succeeds."""
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(os.urandom(probe_bytes))
+            f.flush()
+            os.fsync(f.fileno())
+        return None
+    except OSError as error:
+        return error
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
 
 
 def _read_weights_only(path: Path) -> None:

@@ -157,6 +157,9 @@ class OptimConfig:
     grad_clip: float = 1.0
     #: What to do when the loss or gradient norm is NaN/inf: stop or skip the step.
     on_nonfinite: str = "stop"
+    #: With on_nonfinite=skip: stop (as with stop) once more steps than this in a row were non-finite; a
+    #: model whose every step diverges is dead, and skipping on would "finish" it.
+    max_consecutive_skips: int = 3
     #: Megatron-core's DistributedOptimizer instead of torch AdamW (GPU only): Adam moments sharded over
     #: the DP ranks (ZeRO-1), gradients reduce-scattered into Megatron DDP's buffers, parameters
     #: all-gathered after the step. Needs parallel.grad_sync=megatron_ddp or auto.
@@ -360,6 +363,8 @@ def validate(cfg: Config) -> None:
     _check(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction, "must be in (0, 1]")
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
     _choice("optim.on_nonfinite", o.on_nonfinite, ("stop", "skip"))
+    _check(o.max_consecutive_skips >= 1, "optim.max_consecutive_skips", o.max_consecutive_skips,
+           "must be at least 1 (with optim.on_nonfinite=skip; use stop to stop at the first non-finite step)")
     _check(not (o.distributed and p.grad_sync == "coalesced"), "parallel.grad_sync", p.grad_sync,
            "must be megatron_ddp or auto with optim.distributed=true: the distributed optimizer steps on the "
            "shards that Megatron DDP reduce-scatters")

@@ -26,7 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from engram_train.backbone import build_model
-from engram_train.checkpoint import Checkpointer, rng_state, set_rng_state
+from engram_train.checkpoint import Checkpointer, CheckpointWriteError, rng_state, set_rng_state
 from engram_train import relaunch
 from engram_train.config import Config, ConfigError, to_config, validate
 from engram_train.data import build_train_loader, build_val_loader, open_dataset
@@ -195,15 +195,14 @@ def train(cfg: Config, allocation: AllocationPlan | None = None) -> dict:
             if math.isfinite(result.loss) and math.isfinite(grad_norm):
                 apply_update(optimizer, table, lr=lr, table_lr=lr * cfg.engram.lr_multiplier,
                              clip_scale=clip_coefficient(grad_norm, cfg.optim.grad_clip), dims=dims)
-            elif cfg.optim.on_nonfinite == "stop":
-                raise NonFiniteLossError(
-                    f"step {state.step}: loss={result.loss} grad_norm={grad_norm}; stopped without updating. Resume from "
-                    f"{checkpointer.latest() or 'scratch'} with a lower optim.lr, check the data, or set optim.on_nonfinite=skip"
-                )
+                state.consecutive_skips = 0
             else:
+                state.consecutive_skips += 1
+                stop_non_finite(cfg.optim, state, loss=result.loss, grad_norm=grad_norm, resume_from=checkpointer.latest())
                 discard_gradients(optimizer, table)
                 state.skipped_steps += 1
-                logger.print(f"[yellow]step {state.step}: non-finite loss={result.loss} grad_norm={grad_norm}; step skipped[/yellow]")
+                logger.print(f"[yellow]step {state.step + 1}: non-finite loss={result.loss} grad_norm={grad_norm}; step "
+                             f"skipped ({state.consecutive_skips} in a row, at most {cfg.optim.max_consecutive_skips})[/yellow]")
 
             state.step += 1
             state.tokens_seen += plan.tokens_per_step
@@ -229,7 +228,11 @@ def train(cfg: Config, allocation: AllocationPlan | None = None) -> dict:
                 window = MetricsWindow()
             report_sealed(checkpointer.poll())  # collective while an async save is in flight
             preempted = watch.should_stop()
-            if preempted or is_last or (x.checkpoint_every and state.step % x.checkpoint_every == 0):
+            save_now = preempted or is_last or (x.checkpoint_every and state.step % x.checkpoint_every == 0)
+            if save_now and state.consecutive_skips:  # the model may be diverging: keep the good checkpoints
+                logger.print(f"[yellow]step {state.step}: no checkpoint while the last {state.consecutive_skips} step(s) "
+                             f"were skipped; {checkpoint_path or 'none'} stays the newest[/yellow]")
+            elif save_now:
                 report_sealed(checkpointer.finalize())  # at most one save in flight
                 checkpoint_path = save_checkpoint()
                 if preempted or is_last:
@@ -271,12 +274,28 @@ def train(cfg: Config, allocation: AllocationPlan | None = None) -> dict:
         destroy_process_groups()
 
 
+def stop_non_finite(optim, state: TrainState, *, loss: float, grad_norm: float, resume_from: Path | None) -> None:
+    """Raise ``NonFiniteLossError`` when optim.on_nonfinite says this non-finite step ends the run."""
+    step = state.step + 1  # numbered as the console and metrics.jsonl number it
+    advice = (f"Resume from {resume_from or 'scratch'} with a lower optim.lr or check the data; the run folder "
+              "keeps its last good checkpoint")
+    if optim.on_nonfinite == "stop":
+        raise NonFiniteLossError(f"step {step}: loss={loss} grad_norm={grad_norm}; stopped without updating. {advice}, "
+                                 "or set optim.on_nonfinite=skip")
+    if state.consecutive_skips > optim.max_consecutive_skips:
+        raise NonFiniteLossError(
+            f"step {step}: loss={loss} grad_norm={grad_norm}; {state.consecutive_skips} non-finite steps in a row "
+            f"(optim.max_consecutive_skips={optim.max_consecutive_skips}): the model is diverging, stopped. {advice}")
+
+
 def format_summary(summary: dict) -> str:
     lines = [
         "[bold green]training finished[/bold green]",
         f"  final train loss     {summary['final_train_loss']:.4f}",
         f"  final val loss       {summary['final_val_loss']:.4f}   (unigram entropy of val tokens: {summary['val_unigram_entropy']:.4f} nats)",
         f"  tokens               {summary['tokens_seen']:,} in {summary['steps']} steps, {summary['tokens_per_s']:,.0f} tokens/s",
+        *([f"  [yellow]skipped steps        {summary['skipped_steps']} (non-finite loss or gradient; no update)[/yellow]"]
+          if summary["skipped_steps"] else []),
         f"  checkpoint           {summary['checkpoint']}",
         f"  W&B run (offline)    {summary['wandb_dir']}   (sync: wandb sync {summary['wandb_dir']})",
         f"  metrics              {summary['run_dir']}/metrics.jsonl",
@@ -333,6 +352,9 @@ def main(dict_cfg: DictConfig) -> None:
     except ConfigError as error:  # composition, validation, and the checks that need the data or the run folder
         print(f"config error: {error}", file=sys.stderr)
         sys.exit(2)
+    except (NonFiniteLossError, CheckpointWriteError) as error:  # the message says what to change and how to resume
+        print(f"training stopped: {error}", file=sys.stderr)
+        sys.exit(1)
     if summary["preempted"]:
         hand_over(summary["stop_signal"])  # under submitit, rank 0 requeues the job here and exits
         sys.exit(REQUEUE_EXIT_CODE)

@@ -27,6 +27,8 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     skipped_steps: int = 0
+    #: Non-finite steps in a row up to now (optim.max_consecutive_skips).
+    consecutive_skips: int = 0
     last_loss: float = float("nan")
     #: Seconds spent in training steps over every session of this run (resumes included).
     train_seconds: float = 0.0

@@ -1,6 +1,7 @@
-"""Damaged and hostile checkpoints: a truncated or altered file in the newest checkpoint is named, the folder set
-aside (not deleted) and the run resumes from the previous one on the same curve; a pickle payload planted in any
-checkpoint file never runs, even where meta.json's checksum was forged to match."""
+"""Damaged and hostile checkpoints, and a full disk: a truncated or altered file in the newest checkpoint is named,
+the folder set aside (not deleted) and the run resumes from the previous one on the same curve; a pickle payload
+planted in any checkpoint file never runs, even where meta.json's checksum was forged to match; a save that fills
+the disk says "No space left on device" and the next launch on a freed disk resumes on the same curve."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import logging
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ import torch
 from engram_train.checkpoint import SET_ASIDE, Checkpointer, _sha256
 from engram_train.train import train
 
-from .conftest import TINY_OVERRIDES, compose_config
+from .conftest import REPO, TINY_OVERRIDES, compose_config
 
 pytestmark = pytest.mark.slow
 
@@ -153,3 +156,35 @@ def test_the_backbone_loader_refuses_payloads_even_unverified(original, tmp_path
     assert not evidence.exists(), "loading ran the planted code"
     torch.load(folder / "common.pt", weights_only=False)  # outside, torch.load is torch's own again
     assert evidence.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs (CI runs as root)")
+def test_a_full_disk_is_reported_as_such_and_the_next_launch_on_a_freed_disk_resumes(original, tiny_dataset, tmp_path):
+    # Room for one checkpoint and a half: the step-2 save fits, the step-4 save fills the disk.
+    checkpoint_bytes = sum(f.stat().st_size for f in (original / "checkpoints" / PREVIOUS).rglob("*") if f.is_file())
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={checkpoint_bytes * 3 // 2}", "tmpfs", str(disk)], check=True)
+    try:
+        run_dir = disk / "run"
+        # The real CLI with the default loader workers, as users run it.
+        overrides = [o for o in TINY_OVERRIDES if not o.startswith("data.num_workers=")]
+        cmd = [sys.executable, "-m", "engram_train.train", *overrides, f"data.path={tiny_dataset}",
+               f"experiment.run_dir={run_dir}", f"experiment.total_tokens={4 * 1024}", "experiment.checkpoint_every=2",
+               "experiment.log_every=1", "experiment.keep_checkpoints=3", "experiment.wandb.mode=disabled"]
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+        full = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-2000:]
+        last_line = full.stderr.strip().splitlines()[-1]
+        assert last_line.startswith(f"training stopped: {run_dir / 'checkpoints' / NEWEST}.partial: checkpoint not "
+                                    "written: No space left on device (ENOSPC"), last_line
+        assert f"previous checkpoint {run_dir / 'checkpoints' / PREVIOUS} is intact" in last_line
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [PREVIOUS], "the partial is removed"
+
+        subprocess.run(["mount", "-o", f"remount,size={checkpoint_bytes * 4}", str(disk)], check=True)
+        freed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert freed.returncode == 0, freed.stdout[-2000:] + freed.stderr[-2000:]
+        assert f"resumed from {run_dir / 'checkpoints' / PREVIOUS} at step 2" in freed.stdout
+        assert _losses(run_dir) == _losses(original), "the same curve as the run that never hit the full disk"
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -333,16 +333,23 @@ def test_tp2_checkpoint_resumes_at_tp1_with_the_same_losses(tiny_dataset, tiny_c
     np.testing.assert_allclose(_losses(single), _losses(tp_run), rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_non_finite_loss_stops_with_the_step_or_is_skipped(tiny_config, policy):
-    cfg = tiny_config(f"experiment.total_tokens={6 * 1024}", "optim.lr=1e30", "optim.warmup_tokens=0",
-                      "optim.grad_clip=0", f"optim.on_nonfinite={policy}", "experiment.wandb.mode=disabled")
-    if policy == "stop":
-        with pytest.raises(NonFiniteLossError, match=r"step \d+: loss=(nan|inf)"):
-            train(cfg)
-    else:
-        summary = train(cfg)
-        assert summary["skipped_steps"] > 0 and summary["steps"] == 6
+def test_non_finite_steps_stop_or_are_skipped_up_to_a_limit_without_checkpointing_over_good_ones(tiny_config, tmp_path):
+    # lr=1e30: step 1 (finite) wrecks the weights, and from step 2 on every loss is non-finite.
+    def cfg(name, *extra):
+        return tiny_config(f"experiment.total_tokens={6 * 1024}", "optim.lr=1e30", "optim.warmup_tokens=0",
+                           "optim.grad_clip=0", "experiment.checkpoint_every=1", "experiment.wandb.mode=disabled",
+                           f"experiment.run_dir={tmp_path / name}", *extra)
+
+    with pytest.raises(NonFiniteLossError, match=r"^step 2: loss=(nan|inf)"):  # as the console numbers it
+        train(cfg("stop", "optim.on_nonfinite=stop"))
+    # The default limit (3): steps 2, 3 and 4 are skipped, step 5 stops the run.
+    with pytest.raises(NonFiniteLossError, match=r"^step 5: .*4 non-finite steps in a row \(optim.max_consecutive_skips=3\)"):
+        train(cfg("limit", "optim.on_nonfinite=skip"))
+    summary = train(cfg("skip", "optim.on_nonfinite=skip", "optim.max_consecutive_skips=10"))
+    assert summary["skipped_steps"] == 5 and summary["steps"] == 6
+    for name in ("stop", "limit", "skip"):  # only the step-1 state was saved; the skipping steps wrote nothing
+        assert [p.name for p in (tmp_path / name / "checkpoints").iterdir()] == ["step_00000001"], name
+    assert summary["checkpoint"].endswith("step_00000001")
 
 
 def _plain(value):
