@@ -22,6 +22,10 @@ from engram_train.parallel import on_any_rank
 #: Exit status after a preemption checkpoint (EX_TEMPFAIL: "try again"); launch/slurm.sbatch requeues on it.
 REQUEUE_EXIT_CODE = 75
 
+#: A file where the trainer records that it exits for requeue. torchrun exits 1 when it is itself signalled,
+#: whatever its workers returned, so launch/torchrun.sh reads this to pass the workers' 75 on to the scheduler.
+EXIT_CODE_FILE_ENV = "ENGRAM_EXIT_CODE_FILE"
+
 #: What schedulers and launchers send to stop or warn a job; only the trainer acts on them.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
@@ -99,3 +103,11 @@ def hand_over(signal_name: str | None) -> None:
     handler = signal.getsignal(signum)
     if callable(handler):
         handler(signum, None)
+
+
+def record_requeue_exit() -> None:
+    """Note in ``$ENGRAM_EXIT_CODE_FILE`` (when a launcher set it) that this process exits for requeue."""
+    path = os.environ.get(EXIT_CODE_FILE_ENV)
+    if path:
+        with open(path, "w") as f:
+            f.write(f"{REQUEUE_EXIT_CODE}\n")

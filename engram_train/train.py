@@ -49,7 +49,7 @@ from engram_train.parallel import (
 )
 from engram_train.scaling import AllocationPlan, apply_allocation, count_parameters
 from engram_train.sweep import write_run_result
-from engram_train.preemption import REQUEUE_EXIT_CODE, PreemptionWatch, hand_over
+from engram_train.preemption import REQUEUE_EXIT_CODE, PreemptionWatch, hand_over, record_requeue_exit
 from engram_train.throughput import flops_per_token, memory_metrics, throughput_metrics
 from engram_train.train_step import (
     MetricsWindow,
@@ -357,6 +357,7 @@ def main(dict_cfg: DictConfig) -> None:
         sys.exit(1)
     if summary["preempted"]:
         hand_over(summary["stop_signal"])  # under submitit, rank 0 requeues the job here and exits
+        record_requeue_exit()
         sys.exit(REQUEUE_EXIT_CODE)
 
 

@@ -111,5 +111,21 @@ fi
 cmd+=(-m engram_train.train "${overrides[@]}")
 
 echo "+ ${cmd[*]}" >&2
-# exec: the scheduler's signals reach torchrun itself, which forwards them to every worker.
-exec "${cmd[@]}"
+# The scheduler's signals are passed to torchrun, which forwards them to every worker. A signalled torchrun
+# exits 1 whatever its workers returned, so the trainers note a requeue exit (75) in a file and we return that.
+export ENGRAM_EXIT_CODE_FILE
+ENGRAM_EXIT_CODE_FILE="$(mktemp "${TMPDIR:-/tmp}/engram-exit.XXXXXX")"
+trap 'rm -f "$ENGRAM_EXIT_CODE_FILE"' EXIT
+"${cmd[@]}" &
+torchrun_pid=$!
+for sig in TERM INT HUP QUIT; do trap "kill -$sig $torchrun_pid 2>/dev/null" "$sig"; done
+while :; do
+    status=0
+    wait "$torchrun_pid" || status=$?
+    kill -0 "$torchrun_pid" 2>/dev/null || break  # wait returned for a trapped signal: torchrun still runs
+done
+if ((status != 0)) && [[ "$(cat "$ENGRAM_EXIT_CODE_FILE")" == 75 ]]; then
+    echo "launch/torchrun.sh: the trainers checkpointed and exited for requeue; exiting 75 (torchrun said $status)" >&2
+    exit 75
+fi
+exit "$status"

@@ -152,7 +152,7 @@ def test_sigterm_to_the_process_group_checkpoints_exits_for_requeue_and_resume_c
     assert _losses(run_dir) == _losses(reference), "the resumed run must continue the same loss curve exactly"
 
 
-def test_kill_9_of_one_torchrun_rank_then_relaunch_resumes_exactly(tiny_dataset, tmp_path):
+def test_kill_9_of_one_torchrun_rank_or_sigterm_to_torchrun_then_relaunch_resumes_exactly(tiny_dataset, tmp_path):
     layout = ["parallel.ep=2", "experiment.micro_batch_size=4", "experiment.checkpoint_every=2"]
     reference = tmp_path / "reference"
     _run(_torchrun(tiny_dataset, reference, *layout))
@@ -171,6 +171,23 @@ def test_kill_9_of_one_torchrun_rank_then_relaunch_resumes_exactly(tiny_dataset,
 
     result = _run(_torchrun(tiny_dataset, run_dir, *layout))
     assert f"resumed from {resumed_from}" in result.stdout + result.stderr
+    assert _losses(run_dir) == _losses(reference)
+
+    # SIGTERM to the launcher alone (torchrun forwards it): checkpoint, exit 75 for requeue, the same curve after.
+    run_dir = tmp_path / "terminated"
+    launch = ["bash", str(REPO / "launch" / "torchrun.sh"), "--nproc-per-node", "2", *_args(tiny_dataset, run_dir, *layout)]
+    launcher, log = _start(launch, tmp_path / "terminated.log")
+    try:
+        _wait_for_step(run_dir, 3, launcher)
+        os.kill(launcher.pid, signal.SIGTERM)
+        launcher.wait(timeout=300)
+    finally:
+        kill_group(launcher.pid)
+    output = log.read_text()
+    assert launcher.returncode == REQUEUE_EXIT_CODE, output[-3000:]
+    stopped = Checkpointer(run_dir, rank=0, world=2, keep=2).latest()
+    assert stopped is not None and f"SIGTERM: checkpoint {stopped} written" in output, output[-3000:]
+    _run(launch)
     assert _losses(run_dir) == _losses(reference)
 
 
