@@ -233,12 +233,16 @@ class TrainLoader:
         self.state = saved
 
     def stats(self) -> dict[str, int]:
-        """Numbers for metrics: epoch (of the slowest worker), batches, bad shards (distinct) and skips (per epoch)."""
+        """Numbers for metrics: epoch (of the slowest worker), batches, bad shards (distinct: those found bad while
+        reading, and from the start those the start-up checksums found, before reading reaches them) and skips
+        (per epoch, as reading passes them)."""
         skips = {tag for worker in self.state.skipped for tag in worker}
+        train_shards = {shard.name for shard in self.spec.shards}
+        known_bad = {name for name in self.spec.bad if name in train_shards}
         return {
             "data/epoch": min(c[0] for c in self.state.cursors),
             "data/batches": self.state.batches,
-            "data/bad_shards": len({tag.split(":", 1)[1] for tag in skips}),
+            "data/bad_shards": len({tag.split(":", 1)[1] for tag in skips} | known_bad),
             "data/bad_shard_skips": len(skips),
         }
 

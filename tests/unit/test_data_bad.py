@@ -104,6 +104,8 @@ def test_skip_mode_logs_counts_and_delivers_every_good_row_once(root, caplog):
     _cut_and_flip(root)  # both fail the start-up checksum and are skipped whole
     with caplog.at_level(logging.WARNING):
         ld = loader(root, on_bad_shard="skip", batch=2)
+        assert ld.stats()["data/bad_shards"] == 2, "known from the start-up checksums, before reading reaches them"
+        assert ld.stats()["data/bad_shard_skips"] == 0
         seen = [i for _ in range(36) for i in row_ids(next(ld))]
     assert sorted(seen) == [i for i in range(1, 97) if not 37 <= i <= 48 and not 73 <= i <= 84], "good rows once, nothing else"
     assert ld.stats()["data/bad_shards"] == 2
