@@ -8,6 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export WANDB_MODE=${WANDB_MODE:-offline} PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
+# torch's AVX2 CPU kernels on every x86-64 machine: with AVX-512 ones the sums round differently and a rerun
+# elsewhere would not reproduce the committed losses bit for bit.
+export ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-avx2}
 # 4k-token BPE, ~0.5M held-out tokens: the validation set every run of the sweep is scored on.
 $PY -m data_pipelines.prepare --out data/sweep --vocab-size 4096 --val-fraction 0.06 --val-max-mb 3
 train() { $PY -m engram_train.train -m "$@"; }
