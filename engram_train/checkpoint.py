@@ -44,7 +44,7 @@ import zipfile
 from functools import partial as bind
 from multiprocessing.managers import SyncManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -182,6 +182,31 @@ class Checkpointer:
             self._calls.schedule_async_request(writer)
         self.in_flight = final
         return final
+
+    def maybe_save(self, step: int, *, last: bool, preempted: bool, every: int, skipping: int, model, optimizer, table,
+                   snapshot: Callable[[], tuple[dict[str, Any], dict[str, Any]]], say: Callable[[str], None]) -> Path | None:
+        """Collective, after every step: seal a background save that has finished, then save when one is due (every
+        ``every`` steps, the last step, a stop signal). Not while the last ``skipping`` steps were skipped: a
+        diverging model must not replace good checkpoints. ``snapshot`` gives (this rank's state, meta); ``say``
+        prints. Returns the folder of a save started now (complete on return unless async and not last/preempted)."""
+        self._say_sealed(self.poll(), step, say)
+        if not (preempted or last or (every and step % every == 0)):
+            return None
+        if skipping:
+            say(f"[yellow]step {step}: no checkpoint while the last {skipping} step(s) were skipped; "
+                f"{self.latest() or 'none'} stays the newest[/yellow]")
+            return None
+        self._say_sealed(self.finalize(), step, say)  # at most one save in flight
+        rank_state, meta = snapshot()
+        path = self.save(step, model=model, optimizer=optimizer, table=table, rank_state=rank_state, meta=meta)
+        if preempted or last:
+            self._say_sealed(self.finalize(), step, say)  # the run's last checkpoint is complete before it exits
+        return path
+
+    @staticmethod
+    def _say_sealed(sealed: Path | None, step: int, say: Callable[[str], None]) -> None:
+        if sealed is not None:
+            say(f"checkpoint {sealed} complete at step {step} (written in the background)")
 
     def poll(self) -> Path | None:
         """Collective while a save is in flight: seal it if every rank's writer has finished; the sealed path."""

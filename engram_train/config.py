@@ -180,6 +180,10 @@ class WandbConfig:
     job_type: str = "train"
     #: Extra W&B tags; a sweep run adds its rho, budget and seed.
     tags: list[str] = field(default_factory=list)
+    #: Capture the console (stdout/stderr) into the W&B run's logs.
+    console: bool = True
+    #: Sample system metrics (CPU, memory, GPU) into the W&B run.
+    system_metrics: bool = True
 
 
 @dataclass

@@ -8,50 +8,51 @@ resume-equivalence checks read back.
 from __future__ import annotations
 
 import json
-import secrets
 import math
 import os
+import secrets
+import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from engram_train.config import WandbConfig
+
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, *, config: dict, wandb_mode: str, project: str, entity: str | None, name: str, group: str = "", job_type: str = "train", tags: list[str] | None = None, enabled: bool = True,
-                 resume_step: int = 0):
-        self.enabled = enabled
+    def __init__(self, run_dir: Path, *, config: dict, wandb: WandbConfig, name: str, tags: list[str] | None = None,
+                 enabled: bool = True, resume_step: int = 0, total_steps: int = 0):
+        self.enabled, self.total_steps = enabled, total_steps
         self.console = Console(highlight=False, soft_wrap=True)
         self.wandb_run = None
         self.wandb_dir: str | None = None
+        self._started = time.monotonic()
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = run_dir / "metrics.jsonl"
         self._truncate_after(resume_step)
         self._jsonl = self.jsonl_path.open("a")
-        if wandb_mode != "disabled":
-            import wandb
+        if wandb.mode != "disabled":
+            import wandb as wandb_sdk
 
             os.environ.setdefault("WANDB_SILENT", "true")
+            # One W&B run id per run folder: every resume appends to the same W&B run.
             run_id_file = run_dir / "wandb_run_id"
             run_id = run_id_file.read_text().strip() if run_id_file.exists() else secrets.token_hex(4)
             run_id_file.write_text(run_id)
-            self.wandb_run = wandb.init(
-                project=project,
-                entity=entity,
-                name=name,
-                group=group or None,
-                job_type=job_type,
-                tags=tags or None,
-                id=run_id,
-                resume="allow",
-                mode=wandb_mode,
-                dir=str(run_dir),
-                config=config,
-                settings=wandb.Settings(console="off", x_disable_stats=True),
+            self.wandb_run = wandb_sdk.init(
+                project=wandb.project, entity=wandb.entity, name=name, group=wandb.group or None, job_type=wandb.job_type,
+                tags=tags or None, id=run_id, resume="allow", mode=wandb.mode, dir=str(run_dir), config=config,
+                settings=wandb_sdk.Settings(console="wrap" if wandb.console else "off",
+                                            x_disable_stats=not wandb.system_metrics),
             )
             self.wandb_dir = str(Path(self.wandb_run.dir).parent)
+            # Curves against tokens as well as steps: runs of different batch sizes compare on one axis.
+            self.wandb_run.define_metric("tokens")
+            for key in _TOKEN_AXIS_KEYS:
+                self.wandb_run.define_metric(key, step_metric="tokens")
 
     def _truncate_after(self, step: int) -> None:
         """Drop records past the checkpoint resumed from, so the file holds each step once after any crash and
@@ -64,7 +65,8 @@ class MetricsLogger:
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.jsonl_path)
 
-    def log(self, step: int, metrics: dict[str, Any], *, console: bool = True) -> None:
+    def log(self, step: int, metrics: dict[str, Any], *, console: bool = True, eta_s: float | None = None) -> None:
+        """One record at ``step`` to metrics.jsonl and W&B, and a progress line (step n/N, elapsed, ETA) to the console."""
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -73,7 +75,8 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=step)
         if console:
-            self.console.print(_format(record))
+            self.console.print(_format(record, total_steps=self.total_steps, elapsed_s=time.monotonic() - self._started,
+                                       eta_s=eta_s))
 
     def print(self, message: str) -> None:
         if self.enabled:
@@ -84,12 +87,13 @@ class MetricsLogger:
             for key, value in values.items():
                 self.wandb_run.summary[key] = _plain(value)
 
-    def close(self) -> None:
-        if not self.enabled:
+    def close(self, exit_code: int = 0) -> None:
+        """Close the metrics file and finish the W&B run with the run's exit code (1 marks it failed); idempotent."""
+        if not self.enabled or self._jsonl.closed:
             return
         self._jsonl.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self.wandb_run.finish(exit_code=exit_code)
 
 
 def _step_of(line: str) -> int | None:
@@ -109,10 +113,15 @@ def _plain(value: Any) -> Any:
 
 
 _CONSOLE_KEYS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "moe_load_imbalance", "table_wait_share")
+#: Plotted against tokens in W&B (define_metric), besides the step.
+_TOKEN_AXIS_KEYS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s")
 
 
-def _format(record: dict[str, Any]) -> str:
-    parts = [f"[bold]step {record['step']:>5}[/bold]"]
+def _format(record: dict[str, Any], *, total_steps: int = 0, elapsed_s: float = 0.0, eta_s: float | None = None) -> str:
+    width = len(str(total_steps)) if total_steps else 5
+    parts = [f"[bold]step {record['step']:>{width}}{f'/{total_steps}' if total_steps else ''}[/bold]"]
+    if "tokens" in record:
+        parts.append(f"tokens {record['tokens']:,}")
     for key in _CONSOLE_KEYS:
         if key in record:
             value = record[key]
@@ -120,4 +129,13 @@ def _format(record: dict[str, Any]) -> str:
     gates = [f"{v:.2f}" if isinstance(v, float) else str(v) for k, v in sorted(record.items()) if k.startswith("engram_gate/")]
     if gates:
         parts.append("gate " + ",".join(gates))
+    parts.append(f"elapsed {_clock(elapsed_s)}")
+    if eta_s is not None:
+        parts.append(f"ETA {_clock(eta_s)}")
     return "  ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

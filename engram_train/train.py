@@ -11,12 +11,14 @@ log, evaluate, checkpoint. SIGTERM/SIGUSR1 write a checkpoint at the next step a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
@@ -91,187 +93,252 @@ def build_table(cfg: Config, hasher: NgramHasher, group) -> ShardedEngramTable:
     )
 
 
+@dataclass
+class TrainingRun:
+    """Everything a run is built from, built once from the config (what torchtitan's Trainer holds)."""
+
+    cfg: Config
+    dims: ParallelDims
+    groups: Any
+    dataset: Any
+    plan: StepPlan
+    hasher: NgramHasher | None
+    model: Any
+    optimizer: Any
+    schedule: LRSchedule
+    table: ShardedEngramTable | None
+    prefetcher: TablePrefetcher | None
+    loader: Any
+    checkpointer: Checkpointer
+    watch: PreemptionWatch
+    accounting: Any
+    flops_per_token: float
+
+    def val_loader(self, with_hashes: bool = True):
+        x = self.cfg.experiment
+        return build_val_loader(self.cfg.data, micro_batch_size=x.micro_batch_size,
+                                hasher=self.hasher if with_hashes else None, dp_rank=self.groups.data_parallel_rank,
+                                dp_world=self.groups.data_parallel_world, eos_reset=self.cfg.engram.reset_at_doc_boundary,
+                                dataset=self.dataset)
+
+    def evaluate(self) -> ValLoss:
+        return evaluate(self.model, self.table, self.val_loader(), self.plan.eval_batches, self.dims)
+
+    def snapshot(self, state: TrainState) -> tuple[dict, dict]:
+        """What a checkpoint holds besides the model, optimizer and table: this rank's state, and the run's meta."""
+        rank_state = {"loader": self.loader.state_dict(), "rng": rng_state(), "train": asdict(state),
+                      "dp_rank": self.groups.data_parallel_rank}
+        meta = {"tokens_seen": state.tokens_seen, "engram": self.hasher.config_fingerprint() if self.hasher else None,
+                "config": relaunch.config_record(self.cfg)}
+        return rank_state, meta
+
+
+def build_run(cfg: Config, dims: ParallelDims, groups, checkpointer: Checkpointer, watch: PreemptionWatch,
+              stack: contextlib.ExitStack) -> TrainingRun:
+    """Data, model, optimizers, table and loaders, in the order their dependencies need; closed by ``stack``."""
+    x = cfg.experiment
+    torch.manual_seed(x.seed)
+    np.random.seed(x.seed)
+    dataset = open_dataset(cfg.data)
+    plan = StepPlan.from_config(cfg, data_parallel_world=groups.data_parallel_world)
+    hasher = build_hasher(cfg, dataset) if cfg.engram.enabled else None
+    model = build_model(cfg, vocab_size=dataset.vocab_size, dims=dims)
+    optimizer = configure_optimizer(model, cfg.optim, dims)
+    table = build_table(cfg, hasher, groups.table) if hasher is not None else None
+    prefetcher = None
+    if table is not None and prefetch_in_background(cfg, model, groups.table):
+        prefetcher = stack.enter_context(contextlib.closing(TablePrefetcher(table)))
+    loader = build_train_loader(cfg.data, micro_batch_size=x.micro_batch_size, hasher=hasher,
+                                dp_rank=groups.data_parallel_rank, dp_world=groups.data_parallel_world, seed=x.seed,
+                                eos_reset=cfg.engram.reset_at_doc_boundary, dataset=dataset)
+    stack.callback(loader.close)
+    return TrainingRun(
+        cfg=cfg, dims=dims, groups=groups, dataset=dataset, plan=plan, hasher=hasher, model=model, optimizer=optimizer,
+        schedule=LRSchedule.from_config(cfg.optim, tokens_per_step=plan.tokens_per_step, total_steps=plan.total_steps),
+        table=table, prefetcher=prefetcher, loader=loader, checkpointer=checkpointer, watch=watch,
+        accounting=count_parameters(cfg), flops_per_token=flops_per_token(cfg, dataset.vocab_size))
+
+
+def resume(run: TrainingRun) -> tuple[TrainState, Path | None]:
+    """Load the newest checkpoint that verifies and loads (damaged ones are set aside); a fresh state if none."""
+    run.checkpointer.remove_stale_partials()
+    if not run.cfg.experiment.auto_resume:
+        return TrainState(), None
+    loaded = run.checkpointer.load_newest(model=run.model, optimizer=run.optimizer, table=run.table,
+                                          dp_rank=run.groups.data_parallel_rank)
+    if loaded is None:
+        return TrainState(), None
+    latest, saved, _ = loaded
+    run.loader.load_state_dict(saved["loader"])
+    set_rng_state(saved["rng"])
+    return TrainState(**saved["train"]), latest
+
+
+def open_logger(run: TrainingRun, state: TrainState, allocation: AllocationPlan | None,
+                stack: contextlib.ExitStack) -> MetricsLogger:
+    """metrics.jsonl, console and W&B (rank 0); finished with the run's exit code on every exit path."""
+    cfg, x = run.cfg, run.cfg.experiment
+    record = {"params": run.accounting.to_dict(), "flops_per_token": run.flops_per_token,
+              **({"allocation": allocation.to_dict()} if allocation else {})}
+    logger = MetricsLogger(Path(x.run_dir), config={**OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True), **record},
+                           wandb=x.wandb, name=x.wandb.name or x.name, tags=run_tags(cfg, allocation),
+                           enabled=run.dims.is_main, resume_step=state.step, total_steps=run.plan.total_steps)
+    stack.push(lambda kind, error, trace: logger.close(exit_code=0 if kind is None else 1))
+    if state.step == 0:
+        logger.log(0, {f"params/{k}": v for k, v in run.accounting.to_dict().items()}, console=False)
+    if run.dims.is_main:
+        (Path(x.run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    return logger
+
+
+def announce(run: TrainingRun, logger: MetricsLogger, allocation: AllocationPlan | None) -> None:
+    cfg = run.cfg
+    logger.print(run.plan.describe(run.model, run.table))
+    if allocation is not None:
+        logger.print(allocation.describe())
+    if run.table is not None:
+        where = "prefetched on a background thread" if run.prefetcher else "on the critical path"
+        logger.print(f"table lookups {where} (engram.prefetch={cfg.engram.prefetch})")
+    if run.dims.world > 1:
+        logger.print(f"backbone gradients: {run.model.grad_sync.description} (parallel.grad_sync={cfg.parallel.grad_sync})")
+    logger.print(f"backbone optimizer: {run.optimizer.description} (optim.distributed={cfg.optim.distributed})")
+
+
 def train(cfg: Config, allocation: AllocationPlan | None = None) -> dict:
     """Run training to ``experiment.total_tokens`` (or until preempted); returns the summary as a dict.
 
     ``allocation`` is the plan that turned ``scaling.allocation_ratio`` into this config (logged and recorded).
     """
     x = cfg.experiment
-    run_dir = Path(x.run_dir)
     dims = ParallelDims.from_config(cfg)
-    checkpointer = Checkpointer(run_dir, rank=dims.rank, world=dims.world, keep=x.keep_checkpoints,
+    checkpointer = Checkpointer(Path(x.run_dir), rank=dims.rank, world=dims.world, keep=x.keep_checkpoints,
                                 async_save=x.checkpoint_async)
     newest = checkpointer.latest() if x.auto_resume else None
     # Before any work: a relaunch must not resume (and then overwrite) the run with another model or data order.
     changes = relaunch.changes_since(cfg, newest) if newest is not None else {}
-    groups = init_process_groups(dims)
-    watch = PreemptionWatch()
-    try:
-        torch.manual_seed(x.seed)
-        np.random.seed(x.seed)
-
-        dataset = open_dataset(cfg.data)
-        plan = StepPlan.from_config(cfg, data_parallel_world=groups.data_parallel_world)
-        hasher = build_hasher(cfg, dataset) if cfg.engram.enabled else None
-        model = build_model(cfg, vocab_size=dataset.vocab_size, dims=dims)
-        optimizer = configure_optimizer(model, cfg.optim, dims)
-        schedule = LRSchedule.from_config(cfg.optim, tokens_per_step=plan.tokens_per_step, total_steps=plan.total_steps)
-        table = build_table(cfg, hasher, groups.table) if hasher is not None else None
-        prefetcher = None
-        if table is not None and prefetch_in_background(cfg, model, groups.table):
-            prefetcher = TablePrefetcher(table)
-        dp_rank, dp_world = groups.data_parallel_rank, groups.data_parallel_world
-        loader = build_train_loader(cfg.data, micro_batch_size=x.micro_batch_size, hasher=hasher, dp_rank=dp_rank,
-                                    dp_world=dp_world, seed=x.seed, eos_reset=cfg.engram.reset_at_doc_boundary,
-                                    dataset=dataset)
-
-        def val_loader(with_hashes: bool = True):
-            return build_val_loader(cfg.data, micro_batch_size=x.micro_batch_size, hasher=hasher if with_hashes else None,
-                                    dp_rank=dp_rank, dp_world=dp_world, eos_reset=cfg.engram.reset_at_doc_boundary,
-                                    dataset=dataset)
-
-        # Resume from the newest checkpoint that verifies and loads (damaged ones are set aside).
-        state, latest = TrainState(), None
-        checkpointer.remove_stale_partials()
-        loaded = checkpointer.load_newest(model=model, optimizer=optimizer, table=table, dp_rank=dp_rank) if x.auto_resume else None
-        if loaded is not None:
-            latest, saved, _ = loaded
-            if latest != newest:  # fell back: compare with the config the resumed checkpoint was trained with
+    with contextlib.ExitStack() as stack:  # closes in reverse on every exit path
+        groups = init_process_groups(dims)
+        stack.callback(destroy_process_groups)
+        watch = PreemptionWatch()
+        stack.callback(watch.restore)
+        try:
+            run = build_run(cfg, dims, groups, checkpointer, watch, stack)
+            state, latest = resume(run)
+            if latest is not None and latest != newest:  # fell back: compare with the config it was trained with
                 changes = relaunch.changes_since(cfg, latest)
-            loader.load_state_dict(saved["loader"])
-            state = TrainState(**saved["train"])
-            set_rng_state(saved["rng"])
+            logger = open_logger(run, state, allocation, stack)
+            if latest is not None:
+                logger.print(f"resumed from {latest} at step {state.step} ({state.tokens_seen:,} tokens)")
+            if changes:
+                logger.print(f"[yellow]{relaunch.describe(changes, latest)}[/yellow]")
+                if dims.is_main:
+                    relaunch.record(Path(x.run_dir), changes, latest, state.step)
+            announce(run, logger, allocation)
+            summary = train_loop(run, state, logger, latest)
+            finish(run, state, logger, summary, allocation)
+            return summary
+        except RuntimeError as error:
+            raise explain_peer_failure(error, dims) from error
 
-        def save_checkpoint() -> Path:
-            return checkpointer.save(
-                state.step, model=model, optimizer=optimizer, table=table,
-                rank_state={"loader": loader.state_dict(), "rng": rng_state(), "train": asdict(state), "dp_rank": dp_rank},
-                meta={"tokens_seen": state.tokens_seen, "engram": hasher.config_fingerprint() if hasher else None,
-                      "config": relaunch.config_record(cfg)},
-            )
 
-        def report_sealed(sealed: Path | None) -> None:
-            if sealed is not None:
-                logger.print(f"checkpoint {sealed} complete at step {state.step} (written in the background)")
+def train_loop(run: TrainingRun, state: TrainState, logger: MetricsLogger, latest: Path | None) -> dict:
+    """Step until the token budget is spent or a stop signal arrives; the run's summary."""
+    cfg, x, plan = run.cfg, run.cfg.experiment, run.plan
+    entropy = unigram_entropy(run.val_loader(with_hashes=False), plan.eval_batches, vocab_size=run.dataset.vocab_size)
+    checkpoint, preempted, val = latest, False, ValLoss(float("nan"), float("nan"))
+    window, start = MetricsWindow(), TrainState(**asdict(state))
+    if state.step >= plan.total_steps:
+        logger.print(f"[green]{latest} is at step {state.step} of {plan.total_steps}: this run is complete, nothing to "
+                     f"train. To train anew, remove {x.run_dir} or set experiment.name (or experiment.run_dir).[/green]")
+        val = run.evaluate()
+    while state.step < plan.total_steps:
+        lr, step_start = run.schedule(state.step), time.perf_counter()
+        result = train_step(run.model, run.table, run.prefetcher, run.loader, plan, run.dims)
+        grad_norm = global_grad_norm(run.optimizer.grad_norm_sq(), result.table_grad_norm_sq, table_group=run.groups.table)
+        if math.isfinite(result.loss) and math.isfinite(grad_norm):
+            apply_update(run.optimizer, run.table, lr=lr, table_lr=lr * cfg.engram.lr_multiplier,
+                         clip_scale=clip_coefficient(grad_norm, cfg.optim.grad_clip), dims=run.dims)
+            state.consecutive_skips = 0
+        else:
+            state.consecutive_skips += 1
+            stop_non_finite(cfg.optim, state, loss=result.loss, grad_norm=grad_norm, resume_from=run.checkpointer.latest())
+            discard_gradients(run.optimizer, run.table)
+            state.skipped_steps += 1
+            logger.print(f"[yellow]step {state.step + 1}: non-finite loss={result.loss} grad_norm={grad_norm}; step "
+                         f"skipped ({state.consecutive_skips} in a row, at most {cfg.optim.max_consecutive_skips})[/yellow]")
+        seconds = time.perf_counter() - step_start
+        state.advance(plan.tokens_per_step, seconds)
+        window.add(result, plan.tokens_per_step, seconds)
+        last = state.step == plan.total_steps
+        evaluate_now = state.step % x.eval_every == 0 or last
+        if state.step % x.log_every == 0 or last or evaluate_now:
+            metrics = step_metrics(run, state, window, lr=lr, grad_norm=grad_norm, result=result)
+            if evaluate_now:
+                val = run.evaluate()
+                metrics.update(val_loss=val.mean, val_loss_stderr=val.stderr, val_unigram_entropy=entropy)
+            logger.log(state.step, metrics, eta_s=eta_seconds(state, start, plan.total_steps))
+            window = MetricsWindow()
+        preempted = run.watch.should_stop()
+        saved = run.checkpointer.maybe_save(
+            state.step, last=last, preempted=preempted, every=x.checkpoint_every, skipping=state.consecutive_skips,
+            model=run.model, optimizer=run.optimizer, table=run.table, snapshot=lambda: run.snapshot(state), say=logger.print)
+        checkpoint = saved or checkpoint
+        if preempted:
+            logger.print(f"[yellow]{run.watch.requested or 'a peer'}: checkpoint {checkpoint} written at step "
+                         f"{state.step}; exiting with {REQUEUE_EXIT_CODE} so the job is requeued[/yellow]")
+            break
+    session_s = state.train_seconds - start.train_seconds
+    return {
+        "final_train_loss": state.last_loss,
+        "final_val_loss": val.mean,
+        "val_loss_stderr": val.stderr,
+        "val_unigram_entropy": entropy,
+        "tokens_seen": state.tokens_seen,
+        "tokens_per_s": (state.tokens_seen - start.tokens_seen) / session_s if session_s else float("nan"),
+        "steps": state.step,
+        "skipped_steps": state.skipped_steps,
+        "train_seconds": state.train_seconds,
+        "preempted": preempted,
+        "stop_signal": run.watch.requested,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "wandb_dir": logger.wandb_dir,
+        "run_dir": str(x.run_dir),
+    }
 
-        accounting = count_parameters(cfg)
-        run_record = {"params": accounting.to_dict(), **({"allocation": allocation.to_dict()} if allocation else {})}
-        logger = MetricsLogger(run_dir, config={**OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True), **run_record},
-                               wandb_mode=x.wandb.mode, project=x.wandb.project, entity=x.wandb.entity,
-                               name=x.wandb.name or x.name, group=x.wandb.group, job_type=x.wandb.job_type,
-                               tags=run_tags(cfg, allocation), enabled=dims.is_main, resume_step=state.step)
-        if state.step == 0:
-            logger.log(0, {f"params/{k}": v for k, v in accounting.to_dict().items()}, console=False)
-        if dims.is_main:
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        if latest is not None:
-            logger.print(f"resumed from {latest} at step {state.step} ({state.tokens_seen:,} tokens)")
-        if changes:
-            logger.print(f"[yellow]{relaunch.describe(changes, latest)}[/yellow]")
-            if dims.is_main:
-                relaunch.record(run_dir, changes, latest, state.step)
-        logger.print(plan.describe(model, table))
-        if allocation is not None:
-            logger.print(allocation.describe())
-        if table is not None:
-            where = "prefetched on a background thread" if prefetcher else "on the critical path"
-            logger.print(f"table lookups {where} (engram.prefetch={cfg.engram.prefetch})")
-        if dims.world > 1:
-            logger.print(f"backbone gradients: {model.grad_sync.description} (parallel.grad_sync={cfg.parallel.grad_sync})")
-        logger.print(f"backbone optimizer: {optimizer.description} (optim.distributed={cfg.optim.distributed})")
-        entropy = unigram_entropy(val_loader(with_hashes=False), plan.eval_batches, vocab_size=dataset.vocab_size)
 
-        model_flops = flops_per_token(cfg, dataset.vocab_size)
-        checkpoint_path, preempted, val = latest, False, ValLoss(float("nan"), float("nan"))
-        window, session_tokens, session_seconds = MetricsWindow(), 0, 0.0
-        if state.step >= plan.total_steps:
-            logger.print(f"[green]{latest} is at step {state.step} of {plan.total_steps}: this run is complete, nothing to "
-                         f"train. To train anew, remove {run_dir} or set experiment.name (or experiment.run_dir).[/green]")
-            val = evaluate(model, table, val_loader(), plan.eval_batches, dims)
-        while state.step < plan.total_steps:
-            lr, step_start = schedule(state.step), time.perf_counter()
-            result = train_step(model, table, prefetcher, loader, plan, dims)
-            grad_norm = global_grad_norm(optimizer.grad_norm_sq(), result.table_grad_norm_sq, table_group=groups.table)
-            if math.isfinite(result.loss) and math.isfinite(grad_norm):
-                apply_update(optimizer, table, lr=lr, table_lr=lr * cfg.engram.lr_multiplier,
-                             clip_scale=clip_coefficient(grad_norm, cfg.optim.grad_clip), dims=dims)
-                state.consecutive_skips = 0
-            else:
-                state.consecutive_skips += 1
-                stop_non_finite(cfg.optim, state, loss=result.loss, grad_norm=grad_norm, resume_from=checkpointer.latest())
-                discard_gradients(optimizer, table)
-                state.skipped_steps += 1
-                logger.print(f"[yellow]step {state.step + 1}: non-finite loss={result.loss} grad_norm={grad_norm}; step "
-                             f"skipped ({state.consecutive_skips} in a row, at most {cfg.optim.max_consecutive_skips})[/yellow]")
+def step_metrics(run: TrainingRun, state: TrainState, window: MetricsWindow, *, lr: float, grad_norm: float,
+                 result) -> dict:
+    """The logged record of a step: the window's averages, throughput, memory, data counters (collective)."""
+    metrics = window.flush(lr=lr, grad_norm=grad_norm, tokens=state.tokens_seen, result=result, model=run.model,
+                           table=run.table)
+    metrics["skipped_steps"] = state.skipped_steps
+    metrics.update(throughput_metrics(metrics["tokens_per_s"], flops_per_token=run.flops_per_token, world=run.dims.world,
+                                      peak_tflops=run.cfg.experiment.peak_tflops))
+    metrics.update(memory_metrics())
+    metrics.update(run.loader.stats())
+    state.last_loss = metrics.get("loss", state.last_loss)
+    return metrics
 
-            state.step += 1
-            state.tokens_seen += plan.tokens_per_step
-            step_seconds = time.perf_counter() - step_start
-            window.add(result, plan.tokens_per_step, step_seconds)
-            session_tokens, session_seconds = session_tokens + plan.tokens_per_step, session_seconds + step_seconds
-            state.train_seconds += step_seconds
-            is_last = state.step == plan.total_steps
-            evaluate_now = state.step % x.eval_every == 0 or is_last
-            if state.step % x.log_every == 0 or is_last or evaluate_now:
-                metrics = window.flush(lr=lr, grad_norm=grad_norm, tokens=state.tokens_seen, result=result, model=model,
-                                       table=table)
-                metrics["skipped_steps"] = state.skipped_steps
-                metrics.update(throughput_metrics(metrics["tokens_per_s"], flops_per_token=model_flops, world=dims.world,
-                                                  peak_tflops=x.peak_tflops))
-                metrics.update(memory_metrics())
-                metrics.update(loader.stats())
-                state.last_loss = metrics.get("loss", state.last_loss)
-                if evaluate_now:
-                    val = evaluate(model, table, val_loader(), plan.eval_batches, dims)
-                    metrics.update(val_loss=val.mean, val_loss_stderr=val.stderr, val_unigram_entropy=entropy)
-                logger.log(state.step, metrics)
-                window = MetricsWindow()
-            report_sealed(checkpointer.poll())  # collective while an async save is in flight
-            preempted = watch.should_stop()
-            save_now = preempted or is_last or (x.checkpoint_every and state.step % x.checkpoint_every == 0)
-            if save_now and state.consecutive_skips:  # the model may be diverging: keep the good checkpoints
-                logger.print(f"[yellow]step {state.step}: no checkpoint while the last {state.consecutive_skips} step(s) "
-                             f"were skipped; {checkpoint_path or 'none'} stays the newest[/yellow]")
-            elif save_now:
-                report_sealed(checkpointer.finalize())  # at most one save in flight
-                checkpoint_path = save_checkpoint()
-                if preempted or is_last:
-                    report_sealed(checkpointer.finalize())  # the run's last checkpoint is complete before it exits
-            if preempted:
-                logger.print(f"[yellow]{watch.requested or 'a peer'}: checkpoint {checkpoint_path} written at step "
-                             f"{state.step}; exiting with {REQUEUE_EXIT_CODE} so the job is requeued[/yellow]")
-                break
 
-        summary = {
-            "final_train_loss": state.last_loss,
-            "final_val_loss": val.mean,
-            "val_loss_stderr": val.stderr,
-            "val_unigram_entropy": entropy,
-            "tokens_seen": state.tokens_seen,
-            "tokens_per_s": session_tokens / session_seconds if session_seconds else float("nan"),
-            "steps": state.step,
-            "skipped_steps": state.skipped_steps,
-            "preempted": preempted,
-            "stop_signal": watch.requested,
-            "checkpoint": str(checkpoint_path) if checkpoint_path else None,
-            "wandb_dir": logger.wandb_dir,
-            "run_dir": str(run_dir),
-        }
-        logger.summary(summary)
-        if not preempted:
-            logger.print(format_summary(summary))
-            if dims.is_main:
-                write_run_result(run_dir, cfg, summary, run_record, state=asdict(state), flops_per_token=model_flops,
-                                 eval_tokens=plan.eval_batches * plan.micro_batch_size * plan.seq_len * dims.dp)
-        logger.close()
-        if prefetcher is not None:
-            prefetcher.close()
-        return summary
-    except RuntimeError as error:
-        raise explain_peer_failure(error, dims) from error
-    finally:
-        watch.restore()
-        destroy_process_groups()
+def eta_seconds(state: TrainState, start: TrainState, total_steps: int) -> float | None:
+    """Training time left at this session's pace (evaluation and checkpoints not included)."""
+    steps = state.step - start.step
+    return (total_steps - state.step) * (state.train_seconds - start.train_seconds) / steps if steps else None
+
+
+def finish(run: TrainingRun, state: TrainState, logger: MetricsLogger, summary: dict,
+           allocation: AllocationPlan | None) -> None:
+    """The summary to W&B and the console, and result.json, unless the run stopped for requeue."""
+    logger.summary({**summary, "flops_per_token": run.flops_per_token,
+                    **{f"params/{k}": v for k, v in run.accounting.to_dict().items()}})
+    if summary["preempted"]:
+        return
+    logger.print(format_summary(summary, run.accounting))
+    if run.dims.is_main:
+        record = {"params": run.accounting.to_dict(), **({"allocation": allocation.to_dict()} if allocation else {})}
+        write_run_result(Path(run.cfg.experiment.run_dir), run.cfg, summary, record, state=asdict(state),
+                         flops_per_token=run.flops_per_token,
+                         eval_tokens=run.plan.eval_batches * run.plan.micro_batch_size * run.plan.seq_len * run.dims.dp)
 
 
 def stop_non_finite(optim, state: TrainState, *, loss: float, grad_norm: float, resume_from: Path | None) -> None:
@@ -288,12 +355,17 @@ def stop_non_finite(optim, state: TrainState, *, loss: float, grad_norm: float, 
             f"(optim.max_consecutive_skips={optim.max_consecutive_skips}): the model is diverging, stopped. {advice}")
 
 
-def format_summary(summary: dict) -> str:
+def format_summary(summary: dict, accounting=None) -> str:
+    speed = (f"{summary['tokens_per_s']:,.0f} tokens/s this session" if math.isfinite(summary["tokens_per_s"])
+             else "no steps this session")
     lines = [
         "[bold green]training finished[/bold green]",
         f"  final train loss     {summary['final_train_loss']:.4f}",
         f"  final val loss       {summary['final_val_loss']:.4f}   (unigram entropy of val tokens: {summary['val_unigram_entropy']:.4f} nats)",
-        f"  tokens               {summary['tokens_seen']:,} in {summary['steps']} steps, {summary['tokens_per_s']:,.0f} tokens/s",
+        f"  tokens               {summary['tokens_seen']:,} in {summary['steps']} steps, {speed}",
+        f"  training time        {_duration(summary['train_seconds'])} over all sessions (steps only)",
+        *([f"  parameters           {accounting.total:,} total, {accounting.activated:,} activated per token "
+           "(without embedding and LM head)"] if accounting is not None else []),
         *([f"  [yellow]skipped steps        {summary['skipped_steps']} (non-finite loss or gradient; no update)[/yellow]"]
           if summary["skipped_steps"] else []),
         f"  checkpoint           {summary['checkpoint']}",
@@ -301,6 +373,12 @@ def format_summary(summary: dict) -> str:
         f"  metrics              {summary['run_dir']}/metrics.jsonl",
     ]
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 def run_tags(cfg: Config, allocation: AllocationPlan | None) -> list[str]:

@@ -33,6 +33,12 @@ class TrainState:
     #: Seconds spent in training steps over every session of this run (resumes included).
     train_seconds: float = 0.0
 
+    def advance(self, tokens: int, seconds: float) -> None:
+        """One optimizer step done (updated or skipped)."""
+        self.step += 1
+        self.tokens_seen += tokens
+        self.train_seconds += seconds
+
 
 @dataclass(frozen=True)
 class StepPlan:

@@ -34,18 +34,20 @@ class MoELoadTracker:
         moe_utils.clear_aux_losses_tracker()
 
     def summary(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
-        """Tokens per expert (summed over layers and the group), imbalance = max/mean, and the aux loss."""
+        """Imbalance (max/mean tokens per expert) of each MoE layer and of the worst one, the coefficient of
+        variation, tokens per expert (summed over layers and the group), and the aux loss. The headline is the
+        worst layer: summed over layers, one collapsed layer hides behind balanced ones."""
         if not self.routers:
             return {}
         counts = self.counts.clone()
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(counts, group=group)
+        layer_mean = counts.mean(dim=1).clamp_min(1e-9)
+        layer_imbalance = (counts.max(dim=1).values / layer_mean).tolist()
+        layer_cv = (counts.std(dim=1, unbiased=False) / layer_mean).tolist()
+        stats = {"moe_load_imbalance": max(layer_imbalance), "moe_load_cv": max(layer_cv)}
+        stats.update({f"moe_load_imbalance/layer_{i}": value for i, value in enumerate(layer_imbalance)})
         per_expert = counts.sum(dim=0)
-        mean = per_expert.mean().clamp_min(1e-9)
-        stats = {
-            "moe_load_imbalance": float(per_expert.max() / mean),
-            "moe_load_cv": float(per_expert.std(unbiased=False) / mean),
-        }
         tracker = moe_utils.get_moe_layer_wise_logging_tracker()
         if "load_balancing_loss" in tracker:
             values = tracker["load_balancing_loss"]["values"]

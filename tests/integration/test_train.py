@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -55,3 +58,32 @@ def test_bad_config_fails_before_any_work(tmp_path):
     assert result.returncode == 2
     assert "engram.layers=[9] is invalid" in result.stderr
     assert not run_dir.exists()
+
+
+def _children_named(comm: str) -> list[int]:
+    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+    return [int(c) for c in children if Path(f"/proc/{c}/comm").exists() and Path(f"/proc/{c}/comm").read_text().strip() == comm]
+
+
+def test_a_failure_mid_run_finishes_wandb_as_failed_and_leaves_no_thread_or_worker(tiny_config):
+    """The loop's resources close on every exit path: here lr=1e30 makes step 2 non-finite (optim.on_nonfinite=stop)
+    with the prefetch thread, a loader worker process and an offline W&B run (console captured) all live."""
+    import wandb
+
+    from engram_train.train import NonFiniteLossError
+
+    cfg = tiny_config("optim.lr=1e30", "optim.warmup_tokens=0", "optim.grad_clip=0", "optim.on_nonfinite=stop",
+                      "engram.heads_per_order=2", "engram.head_dim=16", "engram.rows_per_head=1009",
+                      "engram.prefetch=overlap", "data.num_workers=1", f"experiment.total_tokens={6 * 1024}",
+                      "experiment.log_every=1")
+    threads = set(threading.enumerate())
+    with pytest.raises(NonFiniteLossError, match="^step 2: "):
+        train(cfg)
+    assert wandb.run is None, "the W&B run is finished"
+    run = next((Path(cfg.experiment.run_dir) / "wandb").glob("offline-run-*"))
+    assert "step 1/6" in (run / "files" / "output.log").read_text(), "console captured into the W&B run"
+    assert re.search(r"exit.?code:? 1\b", (run / "logs" / "debug.log").read_text()), "finished as failed"
+    # W&B keeps one service connection per Python process (wandb-*, Otel*), shared by later runs: not ours.
+    left = [t for t in set(threading.enumerate()) - threads if t.is_alive() and not t.name.startswith(("wandb-", "Otel"))]
+    assert not left, f"threads left behind: {left}"
+    assert not _children_named("pt_data_worker"), "loader worker left behind"

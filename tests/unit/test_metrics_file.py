@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
+from engram_train.config import WandbConfig
 from engram_train.metrics import MetricsLogger
 
 
 def _session(run_dir, resume_step: int, steps: range, *, crash_mid_line: bool = False) -> None:
-    logger = MetricsLogger(run_dir, config={}, wandb_mode="disabled", project="p", entity=None, name="n",
-                           resume_step=resume_step)
+    logger = MetricsLogger(run_dir, config={}, wandb=WandbConfig(mode="disabled"), name="n", resume_step=resume_step)
     for step in steps:
         logger.log(step, {"loss": float(step)}, console=False)
     logger.close()
