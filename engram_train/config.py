@@ -248,7 +248,8 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
 
-_GROUPS = {
+#: The schema of each Hydra config group.
+GROUPS = {
     "model": ModelConfig,
     "engram": EngramConfig,
     "parallel": ParallelConfig,
@@ -263,7 +264,7 @@ def register_configs() -> None:
     """Register the top-level schema and one schema per group (used by ``defaults: [schema]``)."""
     store = ConfigStore.instance()
     store.store(name="config_schema", node=Config)
-    for group, schema in _GROUPS.items():
+    for group, schema in GROUPS.items():
         store.store(group=group, name="schema", node=schema)
 
 

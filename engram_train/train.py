@@ -420,7 +420,7 @@ def use_job_run_dir_in_sweeps(dict_cfg: DictConfig) -> None:
         dict_cfg.experiment.wandb.name = f"{dict_cfg.experiment.name}/{hydra_cfg.sweep.subdir}"
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
+@hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(dict_cfg: DictConfig) -> None:
     use_job_run_dir_in_sweeps(dict_cfg)
     try:

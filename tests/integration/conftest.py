@@ -55,7 +55,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 
 def compose_config(*overrides: str) -> Config:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(REPO / "engram_train" / "conf"), version_base=None):
         return to_config(compose(config_name="config", overrides=list(overrides)))
 
 

@@ -238,7 +238,7 @@ def test_submitit_launcher_composes(partition):
     """`hydra/launcher=submitit_slurm` resolves to submitit's SLURM launcher with our defaults, overridable."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(REPO / "engram_train" / "conf"), version_base=None):
         cfg = compose(config_name="config", overrides=["hydra/launcher=submitit_slurm", f"hydra.launcher.partition={partition}"],
                       return_hydra_config=True)
     launcher = cfg.hydra.launcher

@@ -8,7 +8,7 @@ from hydra.errors import ConfigCompositionException
 
 from engram_train.config import Config, ConfigError, to_config
 
-CONF = str(Path(__file__).resolve().parents[2] / "conf")
+CONF = str(Path(__file__).resolve().parents[2] / "engram_train" / "conf")
 
 
 def compose_config(*overrides: str) -> Config:

@@ -16,7 +16,7 @@ RATIOS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
 
 def sweep_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(REPO / "engram_train" / "conf"), version_base=None):
         return to_config(compose(config_name="config", overrides=["experiment=sweep_tiny", *overrides]))
 
 

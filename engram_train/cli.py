@@ -1,0 +1,65 @@
+"""The ``engram-train`` command: ``--help`` answers from the config schema without importing torch or Megatron
+(about a second instead of ~16 s); anything else runs the Hydra trainer (``engram_train.train``).
+
+    engram-train experiment=sweep_tiny scaling.allocation_ratio=0.6     # same as python -m engram_train.train
+    engram-train --help                                                   # groups, presets and every field's doc
+    engram-train -sc install=bash                                         # Hydra's shell completion
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import sys
+from pathlib import Path
+
+from engram_train import config as schema
+
+CONF = Path(__file__).parent / "conf"
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The ``#:`` comment lines above each field of a schema dataclass (the field docs of config.py)."""
+    lines = inspect.getsource(cls).splitlines()
+    docs: dict[str, str] = {}
+    for node in ast.parse(inspect.getsource(cls)).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            comment, row = [], node.lineno - 2
+            while row >= 0 and lines[row].strip().startswith("#:"):
+                comment.insert(0, lines[row].strip()[2:].strip())
+                row -= 1
+            docs[node.target.id] = " ".join(comment)
+    return docs
+
+
+def help_text() -> str:
+    out = ["engram-train: pretrain Engram-MoE language models (Hydra: every key below can be overridden)", "", "Usage: engram-train [group=preset ...] [key=value ...] [-m for a sweep]",
+           "", "Presets (conf/<group>/<preset>.yaml):"]
+    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name != "hydra"):
+        out.append(f"  {group.name}: {', '.join(sorted(f.stem for f in group.glob('*.yaml')))}")
+    for name, cls in schema.GROUPS.items():
+        out += ["", f"{name}: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}".rstrip()]
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if dataclasses.is_dataclass(default):
+                sub = ", ".join(g.name for g in dataclasses.fields(default))
+                out.append(f"  {name}.{f.name}.{{{sub}}}")
+                continue
+            out.append(f"  {name}.{f.name}={default!r}" + (f"  -- {docs[f.name]}" if docs.get(f.name) else ""))
+    out += ["", "Hydra's own help: engram-train --hydra-help"]
+    return "\n".join(out)
+
+
+def main() -> None:
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        print(help_text())
+        return
+    from engram_train.train import main as train_main  # torch, Megatron: only when training
+
+    train_main()
+
+
+if __name__ == "__main__":
+    main()
