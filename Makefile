@@ -3,8 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-# DeepSpeed JIT-builds its CPU Adam kernel once (~45 s); everything shares this cache.
-export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+# DeepSpeed JIT-builds its CPU Adam kernel once (~45 s) with -march=native: one cache per CPU model,
+# .cache/torch_extensions/<arch>-<march>-<hash>, the one launch/torchrun.sh uses (a TORCH_EXTENSIONS_DIR set wins).
+export TORCH_EXTENSIONS_DIR := $(shell bash $(CURDIR)/launch/torchrun.sh --print-extensions-dir)
 export WANDB_MODE ?= offline
 export PYTHONWARNINGS ?= ignore
 DATA ?= data/debian-docs
