@@ -65,12 +65,12 @@ class TablePrefetcher:
         self.table.wait_for_prefetch()
         self._ids, self._version = ids, self.table.version
         self._future = self._pool.submit(self._run, ids, unique)
-        self.table._inflight = self._future
+        self.table.prefetch_started(self._future)
 
     def _run(self, ids: torch.Tensor, unique: UniqueIds | None) -> torch.Tensor:
         t0 = time.perf_counter()
-        rows = self.table._lookup(ids, unique)
-        self.table._stats["lookup_s"] += time.perf_counter() - t0
+        rows = self.table.gather_rows(ids, unique)
+        self.table.count(lookup_s=time.perf_counter() - t0)
         return rows
 
     def result(self) -> torch.Tensor:
@@ -83,9 +83,8 @@ class TablePrefetcher:
         try:
             rows = future.result()
         finally:
-            if self.table._inflight is future:
-                self.table._inflight = None
-        self.table._stats["wait_s"] += time.perf_counter() - t0
+            self.table.prefetch_collected(future)
+        self.table.count(wait_s=time.perf_counter() - t0)
         if self.table.version != self._version:
             rows = self.table.lookup(ids)  # rows changed after the prefetch began: never serve stale ones
         return rows

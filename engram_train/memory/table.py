@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import json
 import sys
+import threading
 import time
 import weakref
 from concurrent.futures import Future
@@ -90,6 +91,10 @@ class _Plan:
     route: tuple[list[int], list[int], torch.Tensor] | None = None
 
 
+
+def _zero_stats() -> dict[str, float]:
+    return {"lookup_s": 0.0, "wait_s": 0.0, "grad_s": 0.0, "step_s": 0.0, "lookups": 0, "updated_rows": 0}
+
 class ShardedEngramTable:
     """Row-sharded Engram table with sparse optimizer, living in host RAM.
 
@@ -146,6 +151,7 @@ class ShardedEngramTable:
         self._plans: dict[int, tuple[weakref.ref, int, _Plan]] = {}
         self._inflight: Future | None = None
         self._last_unique_ratio = 1.0
+        self._stats_lock = threading.Lock()  # the prefetch thread adds to the counters too
         self.reset_stats()
 
     # -- forward ---------------------------------------------------------------------------------
@@ -156,20 +162,20 @@ class ShardedEngramTable:
         """
         self.wait_for_prefetch()
         t0 = time.perf_counter()
-        out = self._lookup(ids, unique)
+        out = self.gather_rows(ids, unique)
         dt = time.perf_counter() - t0
-        self._stats["lookup_s"] += dt
-        self._stats["wait_s"] += dt
+        self.count(lookup_s=dt, wait_s=dt)
         return out
 
-    def _lookup(self, ids: torch.Tensor, unique: UniqueIds | None = None) -> torch.Tensor:
-        """The lookup itself; safe on the prefetch thread (touches no pending-grad state)."""
+    def gather_rows(self, ids: torch.Tensor, unique: UniqueIds | None = None) -> torch.Tensor:
+        """The lookup itself, without waiting for a prefetch: what the prefetch thread runs (it touches no
+        pending-gradient state). Callers on the main thread use ``lookup``."""
         plan = self._plan(ids, unique)
         send, recv, owned = self._route(plan)
         rows = self.rows.index_select(0, owned).float()
         got = self.exchange.send(rows, recv, send)
         out = got.index_select(0, plan.inverse).view(*plan.shape, self.dim)
-        self._stats["lookups"] += 1
+        self.count(lookups=1)
         self._last_unique_ratio = plan.unique.numel() / max(1, plan.inverse.numel())
         return out.requires_grad_(True)
 
@@ -192,7 +198,7 @@ class ShardedEngramTable:
         self._pending.append((owned, got))
         # One chunk from one rank is already unique; anything else may repeat rows.
         self._pending_unique = len(self._pending) == 1 and self.world == 1
-        self._stats["grad_s"] += time.perf_counter() - t0
+        self.count(grad_s=time.perf_counter() - t0)
 
     def _coalesced(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Pending (unique local ids, summed grads); rows sent twice (peers, micro-batches) are summed."""
@@ -227,8 +233,7 @@ class ShardedEngramTable:
         self.optim.update(self.rows, ids, grads, self.lr if lr is None else lr, self.step_count)
         self._pending, self._pending_unique = [], True
         self.version += 1
-        self._stats["step_s"] += time.perf_counter() - t0
-        self._stats["updated_rows"] += ids.numel()
+        self.count(step_s=time.perf_counter() - t0, updated_rows=ids.numel())
 
     def zero_grad(self) -> None:
         self._pending, self._pending_unique = [], True
@@ -291,6 +296,14 @@ class ShardedEngramTable:
         plan.route = (send_l, recv_l, owned)
         return plan.route
 
+    def prefetch_started(self, future: Future) -> None:
+        """A background lookup (``gather_rows`` on another thread) is in flight: row changes wait for it."""
+        self._inflight = future
+
+    def prefetch_collected(self, future: Future) -> None:
+        if self._inflight is future:
+            self._inflight = None
+
     def wait_for_prefetch(self) -> None:
         """Wait for an in-flight prefetch so collectives keep one order on every rank."""
         inflight = self._inflight
@@ -299,9 +312,15 @@ class ShardedEngramTable:
             self._inflight = None
 
     # -- accounting ------------------------------------------------------------------------------
+    def count(self, **amounts: float) -> None:
+        """Add to the timing counters (thread-safe: the prefetch thread counts its lookups)."""
+        with self._stats_lock:
+            for key, amount in amounts.items():
+                self._stats[key] += amount
+
     def reset_stats(self) -> None:
-        self._stats = dict.fromkeys(("lookup_s", "wait_s", "grad_s", "step_s"), 0.0)
-        self._stats.update(lookups=0, updated_rows=0)
+        with self._stats_lock:
+            self._stats = _zero_stats()
 
     def stats(self, reset: bool = True) -> dict:
         """Memory and timing counters since the last reset, for the trainer's logs.
@@ -319,10 +338,11 @@ class ShardedEngramTable:
             "bytes_per_row": bytes_per_row(self.optimizer_name, self.table_dtype, self.dim),
             "unique_ratio": self._last_unique_ratio,
             "step": self.step_count,
-            **self._stats,
         }
-        if reset:
-            self.reset_stats()
+        with self._stats_lock:  # read and reset together: a count from the prefetch thread is never lost
+            out.update(self._stats)
+            if reset:
+                self._stats = _zero_stats()
         return out
 
     # -- checkpoint ------------------------------------------------------------------------------
