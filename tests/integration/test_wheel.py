@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,8 +19,15 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_built_wheel_trains_outside_the_repository_and_answers_help_fast(tiny_dataset, tmp_path):
+    # Built from a copy of what the wheel is made of: setuptools writes build/ into the source folder.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("engram_train", "data_pipelines"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path / "dist"), str(REPO)], check=True, capture_output=True, text=True, timeout=300)
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True, text=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("engram_train-*.whl")
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as archive:  # installing a pure-Python wheel is unpacking it onto the path
