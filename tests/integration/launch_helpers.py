@@ -50,8 +50,13 @@ def start_ranks(cmd: list[str], *, world: int, env: dict, log_dir: Path) -> list
 
 def run_processes(group: int) -> list[str]:
     """The live (not zombie) processes of process group ``group``, with their command lines."""
+    return alive_processes([int(pid) for pid in run(["pgrep", "-g", str(group)]).stdout.split()])
+
+
+def alive_processes(pids: list[int]) -> list[str]:
+    """Those of ``pids`` that still run (zombies excluded), with their command lines."""
     alive = []
-    for pid in run(["pgrep", "-g", str(group)]).stdout.split():
+    for pid in pids:
         try:
             status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
             if status != "Z":

@@ -25,7 +25,7 @@ from engram_train.preemption import REQUEUE_EXIT_CODE
 from engram_train.train import NonFiniteLossError, train
 
 from .conftest import REPO, TINY_OVERRIDES
-from .launch_helpers import kill_group, run_processes, start_ranks, wait_for
+from .launch_helpers import alive_processes, kill_group, run_processes, start_ranks, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -94,19 +94,6 @@ def _children(pid: int) -> list[int]:
 def _descendants(pid: int) -> list[int]:
     children = _children(pid)
     return children + [d for child in children for d in _descendants(child)]
-
-
-def _alive(pids: list[int]) -> list[str]:
-    """The pids that still run (zombies excluded), with their command lines."""
-    alive = []
-    for pid in pids:
-        try:
-            status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            if status != "Z":
-                alive.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_text().replace(chr(0), ' ')[:200]}")
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            pass
-    return alive
 
 
 def _loader_workers(pid: int) -> list[int]:
@@ -211,7 +198,7 @@ def test_a_dead_rank_makes_the_survivor_fail_fast_and_the_last_complete_checkpoi
         wait_for(saving_after_a_complete_checkpoint, timeout_s=300, what="a save after a complete checkpoint", poll_s=0.05)
         assert all(r.poll() is None for r in ranks), (tmp_path / "rank_0.log").read_text()[-3000:]
         helpers = [d for r in ranks for d in _descendants(r.pid)]  # loader workers, checkpoint writers, queue managers
-        assert any(Path(f"/proc/{h}/comm").read_text().strip() == "pt_data_worker" for h in helpers if _alive([h]))
+        assert any(Path(f"/proc/{h}/comm").read_text().strip() == "pt_data_worker" for h in helpers if alive_processes([h]))
         ranks[1].kill()
         killed = time.monotonic()
         ranks[0].wait(timeout=timeout_s + 60)
@@ -228,7 +215,7 @@ def test_a_dead_rank_makes_the_survivor_fail_fast_and_the_last_complete_checkpoi
     assert waited < 30, f"rank 0 took {waited:.0f} s to notice"
     assert "PeerFailureError: rank 0/2" in output and "rank(s) 1 did not report back" in output, output[-3000:]
     assert f"parallel.timeout_s={timeout_s}" in output
-    assert not _alive(helpers)
+    assert not alive_processes(helpers)
     latest = checkpoints.latest()
     others = [d.name for d in (run_dir / "checkpoints").iterdir() if d != latest and not (d / MARKER).exists()]
     assert others and all(name.endswith(".partial") for name in others), others
@@ -450,12 +437,12 @@ def test_writers_forked_while_saving_die_with_a_killed_trainer():
                                text=True)
     writer, bystander = (int(pid) for pid in trainer.stdout.readline().split())
     try:
-        assert _alive([writer]) and _alive([bystander])
+        assert alive_processes([writer]) and alive_processes([bystander])
         trainer.kill()
         trainer.wait(timeout=30)
-        wait_for(lambda: not _alive([writer]), timeout_s=10, what="the writer to die with its trainer", poll_s=0.1)
-        assert _alive([bystander]), "only processes forked during a save are tied to the trainer"
+        wait_for(lambda: not alive_processes([writer]), timeout_s=10, what="the writer to die with its trainer", poll_s=0.1)
+        assert alive_processes([bystander]), "only processes forked during a save are tied to the trainer"
     finally:
         for pid in (writer, bystander):
-            if _alive([pid]):
+            if alive_processes([pid]):
                 os.kill(pid, signal.SIGKILL)
