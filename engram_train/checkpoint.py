@@ -236,7 +236,7 @@ class Checkpointer:
         if table_meta is not None:  # async: the table shards are on disk, its meta may now be written
             table_files.write_table_meta(table_meta, partial)
         if self.rank == 0:
-            meta = {**meta, "sha256": {name: _sha256(partial / name) for name in _checked_files(partial)}}
+            meta = {**meta, "sha256": {name: file_sha256(partial / name) for name in _checked_files(partial)}}
             table_files.atomic_write(partial / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
             (partial / MARKER).write_text("ok\n")
             if final.exists():
@@ -299,7 +299,7 @@ class Checkpointer:
         for name, digest in meta.get("sha256", {}).items():
             if not (path / name).is_file():
                 return f"{name}: missing"
-            actual = _sha256(path / name)
+            actual = file_sha256(path / name)
             if actual != digest:
                 return f"{name}: sha256 {actual[:16]}... differs from the recorded {digest[:16]}... (truncated or altered)"
         # Readable without running code: DCP's metadata pickle, and every torch.save'd file (ours, Megatron's common.pt).
@@ -498,7 +498,7 @@ def _checked_files(folder: Path) -> list[str]:
                   if p.is_file() and p.name not in ("meta.json", MARKER))
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 

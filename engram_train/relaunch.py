@@ -56,14 +56,21 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def saved_meta(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's ``meta.json``; empty where it cannot be read (damage is reported when it is loaded)."""
+    try:
+        return json.loads((checkpoint / "meta.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def saved_config(checkpoint: Path) -> dict[str, Any] | None:
     """The config a checkpoint was trained with: its ``meta.json``, else (older checkpoints) the run's config.yaml.
 
     None where meta.json cannot be read: the checkpoint is damaged, which loading reports (and falls back from).
     """
-    try:
-        meta = json.loads((checkpoint / "meta.json").read_text())
-    except (OSError, ValueError):
+    meta = saved_meta(checkpoint)
+    if not meta:
         return None
     if "config" in meta:
         return meta["config"]

@@ -51,6 +51,7 @@ from engram_train.parallel import (
 )
 from engram_train.scaling import AllocationPlan, apply_allocation, count_parameters
 from engram_train.sweep import write_run_result
+from engram_train.run_assets import check_same_assets, keep_run_assets
 from engram_train.preemption import REQUEUE_EXIT_CODE, PreemptionWatch, hand_over, record_requeue_exit
 from engram_train.throughput import flops_per_token, memory_metrics, throughput_metrics
 from engram_train.train_step import (
@@ -113,6 +114,8 @@ class TrainingRun:
     watch: PreemptionWatch
     accounting: Any
     flops_per_token: float
+    #: The tokenizer and compression table copied into the run folder: {path in the run folder: sha256}.
+    assets: dict[str, str]
 
     def val_loader(self, with_hashes: bool = True):
         x = self.cfg.experiment
@@ -129,7 +132,7 @@ class TrainingRun:
         rank_state = {"loader": self.loader.state_dict(), "rng": rng_state(), "train": asdict(state),
                       "dp_rank": self.groups.data_parallel_rank}
         meta = {"tokens_seen": state.tokens_seen, "engram": self.hasher.config_fingerprint() if self.hasher else None,
-                "config": relaunch.config_record(self.cfg)}
+                "config": relaunch.config_record(self.cfg), "assets": self.assets}
         return rank_state, meta
 
 
@@ -156,7 +159,8 @@ def build_run(cfg: Config, dims: ParallelDims, groups, checkpointer: Checkpointe
         cfg=cfg, dims=dims, groups=groups, dataset=dataset, plan=plan, hasher=hasher, model=model, optimizer=optimizer,
         schedule=LRSchedule.from_config(cfg.optim, tokens_per_step=plan.tokens_per_step, total_steps=plan.total_steps),
         table=table, prefetcher=prefetcher, loader=loader, checkpointer=checkpointer, watch=watch,
-        accounting=count_parameters(cfg), flops_per_token=flops_per_token(cfg, dataset.vocab_size))
+        accounting=count_parameters(cfg), flops_per_token=flops_per_token(cfg, dataset.vocab_size),
+        assets=keep_run_assets(dataset, Path(x.run_dir), is_main=dims.is_main))
 
 
 def resume(run: TrainingRun) -> tuple[TrainState, Path | None]:
@@ -164,11 +168,15 @@ def resume(run: TrainingRun) -> tuple[TrainState, Path | None]:
     run.checkpointer.remove_stale_partials()
     if not run.cfg.experiment.auto_resume:
         return TrainState(), None
+    newest = run.checkpointer.latest()
+    if newest is not None:  # before loading: another compression table fails deep in the table's loader otherwise
+        check_same_assets(run.assets, newest, relaunch.saved_meta(newest))
     loaded = run.checkpointer.load_newest(model=run.model, optimizer=run.optimizer, table=run.table,
                                           dp_rank=run.groups.data_parallel_rank)
     if loaded is None:
         return TrainState(), None
-    latest, saved, _ = loaded
+    latest, saved, meta = loaded
+    check_same_assets(run.assets, latest, meta)  # a fallback to an older checkpoint is checked too
     run.loader.load_state_dict(saved["loader"])
     set_rng_state(saved["rng"])
     return TrainState(**saved["train"]), latest

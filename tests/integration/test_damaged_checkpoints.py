@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engram_train.checkpoint import SET_ASIDE, Checkpointer, _sha256
+from engram_train.checkpoint import SET_ASIDE, Checkpointer, file_sha256
 from engram_train.train import train
 
 from .conftest import REPO, TINY_OVERRIDES, compose_config
@@ -115,7 +115,7 @@ def test_a_planted_payload_never_runs_even_with_a_forged_checksum(original, tiny
         else:
             torch.save({"rows": _Payload(evidence)}, target)
         meta = json.loads((folder / "meta.json").read_text())
-        meta["sha256"][file] = _sha256(target)
+        meta["sha256"][file] = file_sha256(target)
         (folder / "meta.json").write_text(json.dumps(meta))
 
     with caplog.at_level(logging.WARNING):
@@ -188,3 +188,39 @@ def test_a_full_disk_is_reported_as_such_and_the_next_launch_on_a_freed_disk_res
         assert _losses(run_dir) == _losses(original), "the same curve as the run that never hit the full disk"
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_the_run_folder_keeps_its_tokenizer_and_compression_table_and_a_resume_on_others_is_refused(original, tiny_dataset,
+                                                                                                     tmp_path):
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from engram_train.config import ConfigError
+
+    for name in ("tokenizer.json", "compression.npy"):
+        assert file_sha256(original / "assets" / name) == file_sha256(tiny_dataset / name)
+    meta = json.loads((original / "checkpoints" / NEWEST / "meta.json").read_text())
+    assert meta["assets"] == {"assets/tokenizer.json": file_sha256(tiny_dataset / "tokenizer.json"),
+                              "assets/compression.npy": file_sha256(tiny_dataset / "compression.npy")}
+    vocab = json.loads((tiny_dataset / "manifest.json").read_text())["vocab_size"]
+    assert Tokenizer.from_file(str(original / "assets" / "tokenizer.json")).get_vocab_size() == vocab
+
+    # The same token shards under another compression table: every Engram hash id would change.
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    table = np.load(data / "compression.npy")
+    table[[1, 2]] = table[[2, 1]]
+    np.save(data / "compression.npy", table)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["compression_sha256"] = file_sha256(data / "compression.npy")
+    (data / "manifest.json").write_text(json.dumps(manifest))
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(original, run_dir)
+    before = {str(p.relative_to(run_dir)): file_sha256(p) for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"assets/compression.npy \(sha256 .*\) differs from data.path's compression.npy"):
+        train(_config(data, run_dir))
+    assert {str(p.relative_to(run_dir)): file_sha256(p) for p in run_dir.rglob("*") if p.is_file()} == before, "untouched"
+    shutil.rmtree(run_dir / "assets")  # a run folder without its copies: the checkpoint's record still refuses
+    with pytest.raises(ConfigError, match=rf"{NEWEST}: trained with a compression.npy of sha256"):
+        train(_config(data, run_dir))
