@@ -207,19 +207,23 @@ def _row(r: dict) -> dict:
 
 
 def _memory_share(runs: list[dict], main: list[dict]) -> list[dict]:
-    """At each rho with a null-memory run: what the block alone and the memory add over the pure MoE."""
-    moe = [r["final_val_loss"] for r in main if not r["engram"]]
+    """At each rho with a null-memory run: what the block alone and the memory add over the pure MoE. Compared
+    with the pure MoE of the same seed where there is one (seeds move the loss as much as rho does here), else
+    with the mean over its seeds; a share only where Engram beats that MoE."""
+    moe_by_seed = {r["seed"]: r["final_val_loss"] for r in main if not r["engram"]}
     shares = []
     for null in (r for r in runs if r["series"] == NULL_MEMORY_SERIES):
         same = [r["final_val_loss"] for r in main
                 if r["requested_allocation_ratio"] == null["requested_allocation_ratio"] and r["seed"] == null["seed"]]
-        if not same or not moe:
+        if not same or not moe_by_seed:
             continue
-        total_gain = float(np.mean(moe)) - same[0]
+        paired = null["seed"] in moe_by_seed
+        moe = moe_by_seed[null["seed"]] if paired else float(np.mean(list(moe_by_seed.values())))
+        total_gain = moe - same[0]
         memory_gain = null["final_val_loss"] - same[0]
-        shares.append({"rho": null["requested_allocation_ratio"], "seed": null["seed"], "moe": float(np.mean(moe)),
+        shares.append({"rho": null["requested_allocation_ratio"], "seed": null["seed"], "moe": moe, "moe_same_seed": paired,
                        "null_memory": null["final_val_loss"], "engram": same[0], "gain_total": total_gain,
-                       "gain_memory": memory_gain, "memory_share": memory_gain / total_gain if total_gain else None})
+                       "gain_memory": memory_gain, "memory_share": memory_gain / total_gain if total_gain > 0 else None})
     return shares
 
 
@@ -273,9 +277,13 @@ def markdown(analysis: dict, memory: dict | None = None) -> str:
                       f"{entry['fit']['verdict']}. Best measured point: rho {entry['fit']['best_measured']['ratio']:.2f}, "
                       f"val loss {entry['fit']['best_measured']['val_loss']:.4f}."]
         for s in entry["null_memory"]:
-            share = "n/a" if s["memory_share"] is None else f"{s['memory_share']:.0%}"
-            lines.append(f"- rho {s['rho']}: MoE {s['moe']:.4f}, null-memory block {s['null_memory']:.4f}, Engram {s['engram']:.4f}: "
-                         f"memory adds {s['gain_memory']:.4f} of the {s['gain_total']:.4f} nats gained ({share})")
+            moe = f"MoE {s['moe']:.4f} ({'same seed' if s['moe_same_seed'] else 'mean over seeds'})"
+            head = (f"- rho {s['rho']}, seed {s['seed']}: {moe}, null-memory block {s['null_memory']:.4f}, "
+                    f"Engram {s['engram']:.4f}: memory adds {s['gain_memory']:.4f} over the block alone")
+            if s["memory_share"] is None:
+                lines.append(f"{head}; Engram is not better than that MoE ({-s['gain_total']:+.4f}), so no share")
+            else:
+                lines.append(f"{head}, of the {s['gain_total']:.4f} nats Engram gains ({s['memory_share']:.0%})")
         for t in entry["lr_sweep"]:
             arm = "pure MoE" if t["rho"] in (None, 1.0) else f"rho {t['rho']}"
             values = ", ".join(f"{lr:g}: {v:.4f}" for lr, v in t["val_loss_by_lr"].items())

@@ -35,10 +35,12 @@ def test_recovers_a_known_interior_minimum_and_reads_the_controls(tmp_path):
     for rho in RATIOS:
         for seed in (1, 2):
             _result(tmp_path, rho=rho, seed=seed, loss=3.0 + 0.5 * (rho - 0.62) ** 2 + rng.normal(0, 0.002))
-    # Controls at rho 0.6 seed 1: the block alone takes 40% of the MoE->Engram gain, memory 60%; lr sweep of both arms.
+    # Controls at rho 0.6 seed 1: the block alone takes 40% of the gain over the seed-1 MoE, memory 60%; lr sweep of
+    # both arms. Against the other seed's MoE the share would differ: the control is paired by seed.
     engram_06 = json.loads(next(tmp_path.glob("b1-engram-0.6-1-*")).joinpath("result.json").read_text())["final_val_loss"]
+    moe_seed_1 = json.loads(next(tmp_path.glob("b1-engram-1.0-1-*")).joinpath("result.json").read_text())["final_val_loss"]
     moe = np.mean([json.loads(p.read_text())["final_val_loss"] for p in tmp_path.glob("b1-engram-1.0-*/result.json")])
-    _result(tmp_path, rho=0.6, seed=1, series="null_memory", null=True, loss=engram_06 + 0.6 * (moe - engram_06))
+    _result(tmp_path, rho=0.6, seed=1, series="null_memory", null=True, loss=engram_06 + 0.6 * (moe_seed_1 - engram_06))
     for lr, bump in ((1.5e-3, 0.05), (6e-3, -0.01)):
         _result(tmp_path, rho=1.0, lr=lr, series="lr_sweep", loss=moe + bump)
     out = analyze([tmp_path], tmp_path / "out", wandb_mode="disabled", bootstrap=400)["allocation"]["b1"]
@@ -49,7 +51,7 @@ def test_recovers_a_known_interior_minimum_and_reads_the_controls(tmp_path):
     assert "interior minimum at rho = 0.6" in fit["verdict"]
     assert 0.0003 < fit["seed_std"] < 0.006, "the seed spread of the two seeds per point"
     share = out["null_memory"][0]
-    assert share["memory_share"] == pytest.approx(0.6)
+    assert share["memory_share"] == pytest.approx(0.6) and share["moe_same_seed"] and share["moe"] == moe_seed_1
     lr_arm = next(t for t in out["lr_sweep"] if t["rho"] == 1.0)
     assert lr_arm["best_lr"] == 6e-3 and len(lr_arm["val_loss_by_lr"]) == 3
     assert out["lr"] == 3e-3, "the main curve is the engram series at its own learning rate"
