@@ -3,7 +3,7 @@
 # Every block is one Hydra multirun; each job trains in outputs/sweeps/<sweep>/<its overrides> and resumes from
 # its own checkpoints, so re-running this script after an interruption continues where it stopped (a finished
 # job only re-evaluates and rewrites its result.json).
-#   bash launch/sweep_allocation.sh            # ~1.5 h on 2 CPU cores
+#   bash launch/sweep_allocation.sh            # ~2.5 h on 2 CPU cores (estimated from the runs' times)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -25,8 +25,11 @@ for budget in sweep_tiny sweep_tiny_3x; do
   nulls=0.6; [ $budget = sweep_tiny ] && nulls=0.2,0.6
   train experiment=$budget scaling.allocation_ratio=$nulls engram.null_memory=true scaling.series=null_memory
   # both arms' learning rate, tuned alike (the main runs use 3e-3)
-  train experiment=$budget scaling.allocation_ratio=0.6,1.0 optim.lr=1.5e-3,6e-3 scaling.series=lr_sweep
+  lrs=6e-3; [ $budget = sweep_tiny ] && lrs=1.5e-3,6e-3,1.2e-2
+  train experiment=$budget scaling.allocation_ratio=0.6,1.0 optim.lr=$lrs scaling.series=lr_sweep
 done
+# the Engram-heavy end at the better learning rate
+train experiment=sweep_tiny scaling.allocation_ratio=0,0.2 optim.lr=6e-3 scaling.series=lr_sweep
 # infinite memory: the rho=0.6 backbone (10 experts, shared expert 11) fixed, Engram rows swept over 2.4 decades
 train experiment=sweep_tiny scaling.allocation_ratio=null model.num_experts=10 model.moe_shared_expert_intermediate_size=11 \
   engram.rows_per_head=32,128,512,2048,8192 scaling.series=infinite_memory
