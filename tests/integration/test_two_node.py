@@ -33,7 +33,7 @@ import pytest
 from engram_train.checkpoint import Checkpointer
 from engram_train.preemption import REQUEUE_EXIT_CODE
 
-from .launch_helpers import REPO, kill_group, run, wait_for
+from .launch_helpers import REPO, alive_processes, kill_group, run, wait_for
 from .test_resume import STEPS, _args, _env, _losses, _start
 
 pytestmark = pytest.mark.slow
@@ -57,17 +57,6 @@ def _pids_in(namespace: str) -> list[int]:
     return [int(pid) for pid in out.split()]
 
 
-def _live(pids: list[int]) -> list[str]:
-    """The pids that still run (zombies excluded), with their command lines."""
-    alive = []
-    for pid in pids:
-        try:
-            status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            if status != "Z":
-                alive.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_text().replace(chr(0), ' ')[:160]}")
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            pass
-    return alive
 
 
 @pytest.fixture
@@ -102,7 +91,7 @@ def two_hosts():
                     pass
         for namespace in made:
             deadline = time.monotonic() + 30
-            while _live(_pids_in(namespace)) and time.monotonic() < deadline:
+            while alive_processes(_pids_in(namespace)) and time.monotonic() < deadline:
                 time.sleep(0.2)
             run(["ip", "netns", "del", namespace], timeout=30)  # takes its end of the veth pair with it
 
@@ -150,16 +139,16 @@ def test_two_nodes_over_veth_match_one_host_survive_a_dead_node_and_resume_exact
         assert all(p.poll() is None for p, _ in nodes), log0.read_text()[-3000:] + log1.read_text()[-3000:]
         killed_at_step = max(_logged_steps(run_dir))
         assert killed_at_step < STEPS, "the run must still be going when a node dies"
-        trainers = [pid for pid in _pids_in(two_hosts[1][0]) if "engram_train.train" in " ".join(_live([pid]))]
-        assert trainers, _live(_pids_in(two_hosts[1][0]))
+        trainers = [pid for pid in _pids_in(two_hosts[1][0]) if "engram_train.train" in " ".join(alive_processes([pid]))]
+        assert trainers, alive_processes(_pids_in(two_hosts[1][0]))
         os.killpg(node1.pid, signal.SIGKILL)
         killed = time.monotonic()
         node0.wait(timeout=TIMEOUT_S + 60)
         waited = time.monotonic() - killed
-        wait_for(lambda: not _live(_pids_in(two_hosts[1][0])), timeout_s=15, poll_s=0.1,
-                 what=f"node 1's trainer to die with its torchrun: {_live(_pids_in(two_hosts[1][0]))}")
-        wait_for(lambda: not _live(_pids_in(ns0)), timeout_s=15, poll_s=0.1,
-                 what=f"node 0's processes to exit: {_live(_pids_in(ns0))}")
+        wait_for(lambda: not alive_processes(_pids_in(two_hosts[1][0])), timeout_s=15, poll_s=0.1,
+                 what=f"node 1's trainer to die with its torchrun: {alive_processes(_pids_in(two_hosts[1][0]))}")
+        wait_for(lambda: not alive_processes(_pids_in(ns0)), timeout_s=15, poll_s=0.1,
+                 what=f"node 0's processes to exit: {alive_processes(_pids_in(ns0))}")
     finally:
         for process, _ in nodes:
             kill_group(process.pid)
