@@ -163,14 +163,15 @@ def build_run(cfg: Config, dims: ParallelDims, groups, checkpointer: Checkpointe
         assets=keep_run_assets(dataset, Path(x.run_dir), is_main=dims.is_main))
 
 
-def resume(run: TrainingRun) -> tuple[TrainState, Path | None]:
-    """Load the newest checkpoint that verifies and loads (damaged ones are set aside); a fresh state if none."""
+def resume(run: TrainingRun, newest: Path | None) -> tuple[TrainState, Path | None]:
+    """Load the newest checkpoint that verifies and loads (damaged ones are set aside); a fresh state if none.
+
+    ``newest``: the newest complete checkpoint found at start-up (None without one, or with auto_resume off)."""
     run.checkpointer.remove_stale_partials()
-    if not run.cfg.experiment.auto_resume:
+    if newest is None:
         return TrainState(), None
-    newest = run.checkpointer.latest()
-    if newest is not None:  # before loading: another compression table fails deep in the table's loader otherwise
-        check_same_assets(run.assets, newest, relaunch.saved_meta(newest))
+    # Before loading: another compression table fails deep in the table's loader otherwise.
+    check_same_assets(run.assets, newest, relaunch.saved_meta(newest))
     loaded = run.checkpointer.load_newest(model=run.model, optimizer=run.optimizer, table=run.table,
                                           dp_rank=run.groups.data_parallel_rank)
     if loaded is None:
@@ -231,7 +232,7 @@ def train(cfg: Config, allocation: AllocationPlan | None = None) -> dict:
         stack.callback(watch.restore)
         try:
             run = build_run(cfg, dims, groups, checkpointer, watch, stack)
-            state, latest = resume(run)
+            state, latest = resume(run, newest)
             if latest is not None and latest != newest:  # fell back: compare with the config it was trained with
                 changes = relaunch.changes_since(cfg, latest)
             logger = open_logger(run, state, allocation, stack)
