@@ -6,18 +6,19 @@
 #
 # Build arguments:
 #   BASE_IMAGE       python:3.11-slim (default). The package needs Python 3.11 (pyproject.toml).
-#   TORCH_INDEX_URL  where torch==2.13.0 comes from: PyTorch's CPU wheel index by default (~200 MB). For
-#                    NVIDIA GPUs use https://pypi.org/simple (PyPI's x86_64 torch is the CUDA build, with
-#                    the CUDA libraries as wheels) and run with `docker run --gpus all`; or start from an
-#                    NVIDIA PyTorch image (BASE_IMAGE=nvcr.io/nvidia/pytorch:<tag>-py3) whose Python is 3.11,
-#                    keeping in mind that torch is pinned to 2.13.0 and pip replaces a different build.
+#   TORCH_INDEX_URL  an extra package index to take torch==2.13.0 from (no default: pip's configured index).
+#                    Pass the index of the torch build you want (a CPU build on CPU machines: a plain
+#                    torch==2.13.0 from a general index may be the multi-GB CUDA build). For NVIDIA GPUs take the
+#                    CUDA build and run with `docker run --gpus all`; or start from an NVIDIA PyTorch image
+#                    (BASE_IMAGE=<an NVIDIA PyTorch image with Python 3.11>), keeping in mind that torch is pinned
+#                    to 2.13.0 and pip replaces a different build.
 #   wheels/          optional folder in the build context: a torch wheel there (torch-2.13.0+cpu-...whl) is
 #                    installed instead of downloading one (offline builds; the integration test does this).
 # No `# syntax=` line: the classic builder needs nothing from Docker Hub beyond the base image.
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_INDEX_URL=
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -41,7 +42,7 @@ RUN set -e; \
     if ls /tmp/wheels/torch-2.13.0*.whl >/dev/null 2>&1; then \
         pip install /tmp/wheels/torch-2.13.0*.whl; \
     else \
-        pip install --index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple torch==2.13.0; \
+        pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} torch==2.13.0; \
     fi; \
     rm -rf /tmp/wheels
 
