@@ -5,8 +5,8 @@ Layout of ``<run_dir>/checkpoints/step_00000100/``:
   backend, i.e. ``torch.distributed.checkpoint`` files addressed by global tensor names and offsets,
   so a checkpoint written at one TP/EP layout loads at any other;
 - the Engram table's shard files (``ShardedEngramTable.save``; they reshard to any world size too);
-- ``rank_<r>.pt``: what is per data-parallel rank (loader position, RNG states, counters);
-- ``meta.json`` and ``COMPLETE``.
+- ``rank_<r>.pt``: what is per rank (RNG states, counters);
+- ``meta.json`` (with the loader's global position, which resumes at any data-parallel size) and ``COMPLETE``.
 Everything is written into ``step_<n>.partial`` first; once every rank's files are on disk rank 0
 writes the marker and renames the folder, so a crash at any moment leaves either a complete checkpoint
 or an ignored partial one. Our files load with ``weights_only=True``: they hold tensors and plain
@@ -372,12 +372,10 @@ class Checkpointer:
         if problem is not None:
             raise DamagedCheckpointError(f"{path}: {problem}")
         meta = json.loads((path / "meta.json").read_text())
-        sources = [r for r, d in enumerate(meta["dp_rank_of_rank"]) if d == dp_rank]
-        if not sources:
-            raise CheckpointError(
-                f"{path}: written with {len(set(meta['dp_rank_of_rank']))} data-parallel ranks, this run has data-parallel "
-                f"rank {dp_rank}; keep world/parallel.tp at the same data-parallel size to resume the data stream"
-            )
+        # Any data-parallel size resumes: the loader's position is global (meta.json), RNG states and counters are
+        # those of a rank that saved them (no training randomness depends on the rank: dropout is off).
+        saved_dp = len(set(meta["dp_rank_of_rank"]))
+        source = {d: r for r, d in reversed(list(enumerate(meta["dp_rank_of_rank"])))}  # dp rank -> its first rank
         saved_optimizer = meta.get("backbone_optimizer", "torch_adamw")
         if saved_optimizer != optimizer.kind:
             setting = {"torch_adamw": "false", "megatron_distributed": "true"}
@@ -395,7 +393,12 @@ class Checkpointer:
         load_backbone(model, optimizer, path / "backbone")
         if table is not None:
             table.load(path)
-        state = torch.load(path / f"rank_{sources[0]}.pt", map_location="cpu", weights_only=True)
+        state = torch.load(path / f"rank_{source[dp_rank % saved_dp]}.pt", map_location="cpu", weights_only=True)
+        if "loader" in meta:
+            state["loader"] = meta["loader"]
+        else:  # written before the global position: every dp rank's own state, which the loader converts
+            state["loader"] = [torch.load(path / f"rank_{source[d]}.pt", map_location="cpu", weights_only=True)["loader"]
+                               for d in range(saved_dp)]
         return state, meta
 
 

@@ -128,11 +128,12 @@ class TrainingRun:
         return evaluate(self.model, self.table, self.val_loader(), self.plan.eval_batches, self.dims)
 
     def snapshot(self, state: TrainState) -> tuple[dict, dict]:
-        """What a checkpoint holds besides the model, optimizer and table: this rank's state, and the run's meta."""
-        rank_state = {"loader": self.loader.state_dict(), "rng": rng_state(), "train": asdict(state),
-                      "dp_rank": self.groups.data_parallel_rank}
+        """What a checkpoint holds besides the model, optimizer and table: this rank's state, and the run's meta
+        (with the loader's global position). Collective."""
+        rank_state = {"rng": rng_state(), "train": asdict(state), "dp_rank": self.groups.data_parallel_rank}
         meta = {"tokens_seen": state.tokens_seen, "engram": self.hasher.config_fingerprint() if self.hasher else None,
-                "config": relaunch.config_record(self.cfg), "assets": self.assets}
+                "config": relaunch.config_record(self.cfg), "assets": self.assets,
+                "loader": self.loader.global_state_dict()}  # collective: the position of every rank's stream
         return rank_state, meta
 
 

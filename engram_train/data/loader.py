@@ -1,20 +1,30 @@
 """Training and validation loaders: batches of packed rows plus their Engram hash ids.
 
-Exact resume with several worker processes rests on three fixed orders:
+The run reads one *global* sequence of micro-batches, the same whatever the data-parallel size of the
+launch that reads it, so a checkpoint resumes exactly at another size:
 
-1. each (rank, logical worker) reads its own shards in a fixed order (``stream.assign_shards``),
-   cutting its row stream into batches of ``micro_batch_size`` rows, across epoch boundaries, so no
-   row is dropped or repeated;
-2. the rank's batch j comes from logical worker ``j % workers`` (torch's DataLoader hands out
-   batches of an IterableDataset round-robin over its workers, and we check it does);
-3. the state is ``batches`` consumed plus, per logical worker, the cursor after its last consumed
-   batch. Batches prefetched but not consumed are not part of the state, so they are simply
-   produced again after a resume.
+1. the row streams are fixed when the run starts: ``ranks x workers`` streams (that launch's data-parallel
+   ranks and ``max(1, data.num_workers)``), stream ``k`` reading the shards and shuffle of that launch's
+   (rank ``k % ranks``, worker ``k // ranks``) (``stream.assign_shards``), cut into micro-batches of
+   ``micro_batch_size`` rows across epoch boundaries, so no row is dropped or repeated;
+2. global micro-batch ``g`` is the next micro-batch of stream ``g % streams``, and data-parallel rank ``r``
+   of a launch with ``D`` ranks consumes ``g = r, r + D, r + 2D, ...``: every optimizer step takes the same
+   micro-batches at any ``D`` that divides its micro-batches (``StepPlan`` checks that), only the ranks
+   that compute them change. At the starting layout each rank reads its own streams; at another, a rank
+   (or worker) whose micro-batches share a stream with others reads that stream and drops theirs (logged);
+3. a rank's micro-batch ``n`` comes from its DataLoader worker ``n % num_workers`` (torch hands out batches
+   of an IterableDataset round-robin over its workers, and we check it does); a worker keeps a reader for
+   each stream its micro-batches come from;
+4. the state (``LoaderState``) is the global position: micro-batches consumed by all ranks, and per stream
+   the cursor after its newest consumed micro-batch and that micro-batch's index. Batches prefetched but not
+   consumed are not part of it, so they are simply produced again after a resume. Each rank updates the
+   streams it consumes; a checkpoint gathers every rank's view (``global_state_dict``) and keeps, per
+   stream, the newest cursor.
 
-On resume, DataLoader worker i plays logical worker ``(i + batches) % workers`` so the round-robin
-continues where it stopped. The cursors are per-worker row positions, so a checkpoint taken with a
-different ``micro_batch_size`` still resumes without loss; a different dp world or worker count
-changes which rows each stream owns and is refused.
+The cursors are row positions, so a checkpoint taken with another ``micro_batch_size`` still resumes without
+a row lost or repeated (the grouping into micro-batches then differs from an uninterrupted run).
+Checkpoints written before the global state (one state per rank, cursors per (rank, worker)) are converted
+exactly: they describe the same streams.
 
 Hash ids are computed in the workers (the trainer then only does table lookups).
 
@@ -29,17 +39,20 @@ from __future__ import annotations
 import atexit
 import hashlib
 import logging
+import math
 import os
 import signal
 import threading
 import weakref
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from engram_train.data.manifest import PREPARE_HINT, DataError, Dataset, open_dataset
@@ -52,21 +65,67 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoaderState:
-    """Position of one rank's training loader; plain types, so ``torch.load(weights_only=True)`` reads it."""
+    """The run's position in its global order of micro-batches; plain types (``weights_only``, JSON).
 
-    dp_world: int
-    dp_rank: int
-    #: Logical workers (``max(1, data.num_workers)``); each owns a fixed share of the shards.
+    A rank's own copy is exact for the streams it consumes; ``merge_states`` of every rank's copy is the
+    global position a checkpoint holds, which any data-parallel size resumes.
+    """
+
+    #: The stream layout, fixed when the run started: that launch's data-parallel ranks x logical workers.
+    ranks: int
     workers: int
     seed: int
-    #: Batches this rank has consumed.
+    #: Global micro-batches consumed by all ranks together (on a rank: once every rank has caught up with it).
     batches: int = 0
-    #: Per logical worker: [epoch, block_start, emitted] after its last consumed batch.
+    #: Per stream: [epoch, block_start, emitted] after its newest consumed micro-batch.
     cursors: list[list[int]] = field(default_factory=list)
-    #: Per logical worker: "epoch:shard" of each bad shard skipped (data.on_bad_shard=skip).
+    #: Per stream: the global index of that micro-batch (-1: none consumed yet).
+    last: list[int] = field(default_factory=list)
+    #: Per stream: "epoch:shard" of each bad shard skipped (data.on_bad_shard=skip).
     skipped: list[list[str]] = field(default_factory=list)
     #: sha256 of the training shards' list; a checkpoint only resumes on the same data.
     data_id: str = ""
+
+    @property
+    def streams(self) -> int:
+        return self.ranks * self.workers
+
+    @classmethod
+    def start(cls, ranks: int, workers: int, seed: int, data_id: str) -> "LoaderState":
+        streams = ranks * workers
+        return cls(ranks, workers, seed, cursors=[[0, 0, 0] for _ in range(streams)], last=[-1] * streams,
+                   skipped=[[] for _ in range(streams)], data_id=data_id)
+
+    @classmethod
+    def from_rank_states(cls, states: list[dict[str, Any]]) -> "LoaderState":
+        """The global position of a checkpoint written before it existed: one state per data-parallel rank,
+        ``cursors[w]`` of (rank, worker w), ``batches`` per rank. Stream ``w * ranks + rank`` is that (rank, worker)."""
+        ranks, workers = states[0]["dp_world"], states[0]["workers"]
+        by_rank = {s["dp_rank"]: s for s in states}
+        if sorted(by_rank) != list(range(ranks)) or len({s["batches"] for s in states}) != 1:
+            raise DataError(f"data: the checkpoint's per-rank loader states cover dp ranks {sorted(by_rank)} of {ranks} "
+                            "at unequal positions; resume it at data-parallel size " f"{ranks}, or start a new run_dir")
+        state = cls.start(ranks, workers, states[0]["seed"], states[0]["data_id"])
+        state.batches = by_rank[0]["batches"] * ranks
+        for k in range(state.streams):
+            old = by_rank[k % ranks]
+            state.cursors[k] = list(old["cursors"][k // ranks])
+            state.skipped[k] = list(old["skipped"][k // ranks])
+            state.last[k] = k + (state.batches - 1 - k) // state.streams * state.streams if state.batches > k else -1
+        return state
+
+
+def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """The global position from every rank's copy: per stream, the cursor of its newest consumed micro-batch."""
+    views = [LoaderState(**s) for s in copy.deepcopy(states)]
+    if len({(v.ranks, v.workers, v.seed, v.batches, v.data_id) for v in views}) != 1:
+        raise DataError("data: ranks disagree on the loader position "
+                        f"{sorted({(v.ranks, v.workers, v.batches) for v in views})}; they must save at the same step")
+    merged = views[0]
+    for k in range(merged.streams):
+        newest = max(views, key=lambda v: v.last[k])
+        merged.cursors[k], merged.last[k], merged.skipped[k] = newest.cursors[k], newest.last[k], newest.skipped[k]
+    return asdict(merged)
 
 
 def _hash(hasher: Any, tokens: np.ndarray, eos: int | None) -> np.ndarray | None:
@@ -83,7 +142,9 @@ class _WorkerBatch:
     than the batch is worth at these sizes (measured in bench/loader.py).
     """
 
-    worker: int
+    #: Global index of the micro-batch, and its stream.
+    index: int
+    stream: int
     tokens: np.ndarray
     hash_ids: np.ndarray | None
     cursor: list[int]
@@ -93,31 +154,54 @@ class _WorkerBatch:
     hash_unique: tuple[np.ndarray, np.ndarray] | None = None
 
 
-def _batches(stream: RowStream, worker: int, batch_size: int, hasher: Any, eos: int | None) -> Iterator[_WorkerBatch]:
-    rows: list[np.ndarray] = []
-    for row, cursor in stream:
-        rows.append(row)
-        if len(rows) == batch_size:
-            tokens = np.stack(rows)
-            rows = []
-            hash_ids = _hash(hasher, tokens, eos)
-            unique = None if hash_ids is None else UniqueIds.of(torch.from_numpy(hash_ids))
-            yield _WorkerBatch(worker, tokens, hash_ids, list(cursor), list(stream.skipped),
-                               None if unique is None else (unique.unique.numpy(), unique.inverse.numpy()))
+class _StreamReader:
+    """One stream cut into micro-batches; its micro-batch ``j`` is global micro-batch ``j * streams + k``."""
+
+    def __init__(self, stream: RowStream, next_batch: int, batch_size: int):
+        self.stream, self.rows, self.next, self.batch_size = stream, iter(stream), next_batch, batch_size
+
+    def _take(self) -> np.ndarray:
+        return np.stack([next(self.rows)[0] for _ in range(self.batch_size)])
+
+    def batch(self, j: int) -> np.ndarray:
+        """The stream's micro-batch ``j``; those before it that other ranks or workers consume are read and dropped."""
+        assert j >= self.next, (j, self.next)
+        while self.next < j:
+            self._take()
+            self.next += 1
+        self.next += 1
+        return self._take()
 
 
 class _TrainStreams(IterableDataset):
-    """The rank's logical workers, one per DataLoader worker (or one in-process with num_workers=0)."""
+    """This rank's micro-batches ``first, first + stride, ...`` dealt round-robin to its DataLoader workers
+    (one in-process with num_workers=0)."""
 
-    def __init__(self, spec: StreamSpec, state: LoaderState, batch_size: int, hasher: Any, eos: int | None):
-        self.spec, self.state, self.batch_size, self.hasher, self.eos = spec, state, batch_size, hasher, eos
+    def __init__(self, spec: StreamSpec, state: LoaderState, first: int, stride: int, batch_size: int, hasher: Any,
+                 eos: int | None):
+        self.spec, self.state, self.first, self.stride = spec, state, first, stride
+        self.batch_size, self.hasher, self.eos = batch_size, hasher, eos
+
+    def _reader(self, k: int) -> _StreamReader:
+        s = self.state
+        spec = replace(self.spec, rank=k % s.ranks)
+        stream = RowStream(spec, k // s.ranks, tuple(s.cursors[k]), s.skipped[k])
+        return _StreamReader(stream, s.last[k] // s.streams + 1 if s.last[k] >= 0 else 0, self.batch_size)
 
     def __iter__(self):
         info = get_worker_info()
-        slot = info.id if info is not None else 0
-        worker = (slot + self.state.batches) % self.state.workers
-        stream = RowStream(self.spec, worker, tuple(self.state.cursors[worker]), self.state.skipped[worker])
-        yield from _batches(stream, worker, self.batch_size, self.hasher, self.eos)
+        slot, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        readers: dict[int, _StreamReader] = {}
+        index, streams = self.first + slot * self.stride, self.state.streams
+        while True:
+            k = index % streams
+            reader = readers.get(k) or readers.setdefault(k, self._reader(k))
+            tokens = reader.batch(index // streams)
+            hash_ids = _hash(self.hasher, tokens, self.eos)
+            unique = None if hash_ids is None else UniqueIds.of(torch.from_numpy(hash_ids))
+            yield _WorkerBatch(index, k, tokens, hash_ids, list(reader.stream.cursor), list(reader.stream.skipped),
+                               None if unique is None else (unique.unique.numpy(), unique.inverse.numpy()))
+            index += workers * self.stride
 
 
 class TrainLoader:
@@ -125,9 +209,10 @@ class TrainLoader:
     "hash_unique": UniqueIds | None}``."""
 
     def __init__(self, dataset: Dataset, spec: StreamSpec, state: LoaderState, batch_size: int, num_workers: int,
-                 hasher: Any, eos: int | None):
+                 hasher: Any, eos: int | None, *, dp_rank: int = 0, dp_world: int = 1):
         self.dataset, self.spec, self.state = dataset, spec, state
         self.batch_size, self.num_workers, self.hasher, self.eos = batch_size, num_workers, hasher, eos
+        self.dp_rank, self.dp_world = dp_rank, dp_world
         self._it: Iterator | None = None
         #: ``state.batches`` when the workers were last restarted after a death (a second death there is fatal).
         self._restarted_at: int | None = None
@@ -135,8 +220,15 @@ class TrainLoader:
         self._worker_death: str | None = None
         self._in_next = False
 
+    def _next_index(self) -> int:
+        """Global index of this rank's next micro-batch: ``state.batches`` counts whole rounds of every rank's."""
+        return self.state.batches + self.dp_rank
+
     def _start(self) -> Iterator:
-        streams = _TrainStreams(self.spec, self.state, self.batch_size, self.hasher, self.eos)
+        _check_enough_shards(len(self.spec.shards), self.state, self.spec.path)
+        # The workers get a copy of the position as it is now (the trainer goes on updating its own).
+        streams = _TrainStreams(self.spec, copy.deepcopy(self.state), self._next_index(), self.dp_world,
+                                self.batch_size, self.hasher, self.eos)
         if self.num_workers == 0:
             return iter(streams)
         loader = DataLoader(streams, batch_size=None, num_workers=self.num_workers, prefetch_factor=4,
@@ -199,49 +291,64 @@ class TrainLoader:
 
     def __next__(self) -> dict[str, torch.Tensor | None]:
         batch = self._next_batch()
-        expected = self.state.batches % self.state.workers
-        if batch.worker != expected:
-            raise RuntimeError(f"loader: batch {self.state.batches} came from worker {batch.worker}, expected {expected}; "
-                               "the DataLoader no longer hands out batches round-robin, so resume would not be exact")
-        self.state.batches += 1
-        self.state.cursors[batch.worker] = [int(c) for c in batch.cursor]
-        self.state.skipped[batch.worker] = list(batch.skipped)
+        expected = self._next_index()
+        if batch.index != expected:
+            raise RuntimeError(f"loader: dp rank {self.dp_rank} got global micro-batch {batch.index}, expected {expected}; the "
+                               "DataLoader no longer hands out batches round-robin, so resume would not be exact")
+        self.state.batches += self.dp_world
+        k = batch.stream
+        self.state.cursors[k], self.state.last[k] = [int(c) for c in batch.cursor], batch.index
+        self.state.skipped[k] = list(batch.skipped)
         hash_ids = None if batch.hash_ids is None else torch.from_numpy(batch.hash_ids)
         unique = None if batch.hash_unique is None else UniqueIds(*(torch.from_numpy(a) for a in batch.hash_unique))
         return {"tokens": torch.from_numpy(batch.tokens), "hash_ids": hash_ids, "hash_unique": unique}
 
     def state_dict(self) -> dict[str, Any]:
+        """This rank's copy of the position (the global position in a one-rank run); see ``global_state_dict``."""
         return asdict(self.state)
 
-    def load_state_dict(self, state: dict[str, Any] | LoaderState) -> None:
-        saved = LoaderState(**state) if isinstance(state, dict) else state
+    def global_state_dict(self) -> dict[str, Any]:
+        """Collective over every rank (at a step boundary): the global position, which any data-parallel size resumes."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.state_dict()
+        states: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(states, self.state_dict())
+        return merge_states(states)
+
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Resume from a global position (or, from older checkpoints, the list of every dp rank's state)."""
+        state = copy.deepcopy(state)  # the caller's lists stay as they are
+        saved = LoaderState.from_rank_states(state) if isinstance(state, list) else LoaderState(**state)
         now = self.state
-        if (saved.dp_world, saved.workers) != (now.dp_world, now.workers):
-            raise DataError(
-                f"data: the checkpoint's loader ran {saved.dp_world} data-parallel ranks x {saved.workers} workers, this run "
-                f"has {now.dp_world} x {now.workers}; each (rank, worker) owns a different share of the shards, so the data "
-                f"order cannot continue exactly. Resume with the same data-parallel size and data.num_workers="
-                f"{saved.workers}, or start a new run_dir.")
-        if saved.dp_rank != now.dp_rank:
-            raise DataError(f"data: loader state of dp rank {saved.dp_rank} loaded on dp rank {now.dp_rank}; save one state per rank")
         if saved.data_id != now.data_id:
             raise DataError(f"data: the checkpoint was trained on other shards (data id {saved.data_id[:12]}, now "
                             f"{now.data_id[:12]}); resume on the same data.path or start a new run_dir")
         if saved.seed != now.seed:
             raise DataError(f"data: the checkpoint shuffled with seed {saved.seed}, this run uses {now.seed}; keep experiment.seed")
+        _check_enough_shards(len(self.spec.shards), saved, self.spec.path)
         self.close()
         self.state = saved
+        self.spec = replace(self.spec, world=saved.ranks, workers=saved.workers)
+        readers = self.dp_world * max(1, self.num_workers)
+        reads = readers // math.gcd(readers, saved.streams)
+        if reads > 1:
+            log.warning("data: this run continues the order of %d streams (%d ranks x %d workers) on %d ranks x %d workers: "
+                        "streams are shared, so each worker reads %dx the rows it keeps; data-parallel sizes whose ranks x "
+                        "workers divide %d read each row once", saved.streams, saved.ranks, saved.workers, self.dp_world,
+                        max(1, self.num_workers), reads, saved.streams)
 
     def stats(self) -> dict[str, int]:
-        """Numbers for metrics: epoch (of the slowest worker), batches, bad shards (distinct: those found bad while
-        reading, and from the start those the start-up checksums found, before reading reaches them) and skips
-        (per epoch, as reading passes them)."""
-        skips = {tag for worker in self.state.skipped for tag in worker}
+        """Numbers for metrics: epoch (of this rank's slowest stream), global micro-batches, bad shards (distinct:
+        those found bad while reading, and from the start those the start-up checksums found, before reading
+        reaches them) and skips (per epoch, as reading passes them)."""
+        s = self.state
+        mine = {(s.batches + self.dp_rank + i * self.dp_world) % s.streams for i in range(s.streams)}
+        skips = {tag for stream in s.skipped for tag in stream}
         train_shards = {shard.name for shard in self.spec.shards}
         known_bad = {name for name in self.spec.bad if name in train_shards}
         return {
-            "data/epoch": min(c[0] for c in self.state.cursors),
-            "data/batches": self.state.batches,
+            "data/epoch": min(s.cursors[k][0] for k in mine),
+            "data/batches": s.batches,
             "data/bad_shards": len({tag.split(":", 1)[1] for tag in skips} | known_bad),
             "data/bad_shard_skips": len(skips),
         }
@@ -313,21 +420,24 @@ def _data_id(dataset: Dataset) -> str:
     return hashlib.sha256("".join(s.sha256 for s in dataset.train).encode()).hexdigest()
 
 
+def _check_enough_shards(shards: int, state: LoaderState, path: str) -> None:
+    if shards < state.streams:
+        raise DataError(f"data.shards: {shards} shards cannot feed {state.ranks} ranks x {state.workers} workers; "
+                        f"write at least {state.streams} shards (python -m data_pipelines.prepare --out {path} --shards "
+                        f"{state.streams}) or lower data.num_workers")
+
+
 def build_train_loader(data_cfg: Any, *, micro_batch_size: int, hasher: Any, dp_rank: int, dp_world: int, seed: int,
                        eos_reset: bool = False, dataset: Dataset | None = None) -> TrainLoader:
-    """The rank's training loader, from the start of epoch 0 (``load_state_dict`` to resume)."""
+    """The rank's training loader, from the start of epoch 0 with this launch's streams (``load_state_dict`` to
+    resume; the shard count is checked against the streams read, at the first batch)."""
     dataset = dataset or open_dataset(data_cfg)
     workers = max(1, data_cfg.num_workers)
-    if len(dataset.train) < dp_world * workers:
-        need = dp_world * workers
-        raise DataError(f"data.shards: {len(dataset.train)} shards cannot feed {dp_world} ranks x {workers} workers; "
-                        f"write at least {need} shards (python -m data_pipelines.prepare --out {data_cfg.path} --shards {need}) "
-                        f"or lower data.num_workers")
     spec = StreamSpec(dataset.train, dataset.seq_len, dataset.vocab_size, seed, dp_rank, dp_world, workers,
                       data_cfg.shuffle_buffer, data_cfg.on_bad_shard, str(data_cfg.path), dict(dataset.bad))
-    state = LoaderState(dp_world, dp_rank, workers, seed, cursors=[[0, 0, 0] for _ in range(workers)],
-                        skipped=[[] for _ in range(workers)], data_id=_data_id(dataset))
-    return TrainLoader(dataset, spec, state, micro_batch_size, data_cfg.num_workers, hasher, dataset.eos_id if eos_reset else None)
+    state = LoaderState.start(dp_world, workers, seed, _data_id(dataset))
+    return TrainLoader(dataset, spec, state, micro_batch_size, data_cfg.num_workers, hasher,
+                       dataset.eos_id if eos_reset else None, dp_rank=dp_rank, dp_world=dp_world)
 
 
 class ValLoader:

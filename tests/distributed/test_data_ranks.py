@@ -55,7 +55,7 @@ def _rank_reads(rank: int, world: int, root: str, stop_after: int) -> list[int]:
     loader = make()
     ids = [i for _ in range(stop_after) for i in next(loader)["tokens"][:, 0].tolist()]
     path = Path(root).parent / f"loader_rank{rank}.pt"
-    torch.save(loader.state_dict(), path)
+    torch.save(loader.global_state_dict(), path)  # collective: the merged global position
     loader.close()
     dist.barrier()  # both ranks stopped, as at a checkpoint
     resumed = make()

@@ -19,6 +19,7 @@ import webdataset as wds
 
 from engram_train.config import DataConfig
 from engram_train.data import DataError, LoaderState, build_train_loader, build_val_loader, open_dataset
+from engram_train.data.loader import merge_states
 from engram_train.data.manifest import MANIFEST_FORMAT
 from engram_train.data.stream import RowStream, StreamSpec
 
@@ -181,16 +182,54 @@ def test_batch_format_and_hash_ids(tmp_path):
     assert unhashed["hash_ids"] is None and unhashed["hash_unique"] is None
 
 
-def test_changing_world_size_or_workers_on_resume_is_refused(tmp_path):
+def _global_order(loaders: list, rounds: int) -> list[list[int]]:
+    """Row ids of global micro-batches ``g``: data-parallel rank ``g % D`` consumes them in order, round by round."""
+    return [row_ids(next(ld)) for _ in range(rounds) for ld in loaders]
+
+
+@pytest.mark.timeout(120)
+def test_a_checkpoint_resumes_the_same_global_order_at_any_data_parallel_size_and_worker_count(tmp_path):
+    """2 ranks x 2 workers (4 streams) stop after 6 rounds; the merged position resumes at 1, 3 and 4 ranks, with
+    and without worker processes, as does the older per-rank form of the same position."""
+    # Batches of 3 rows do not divide a stream's epoch, so batches straddle epoch and shard boundaries.
+    root = make_dataset(tmp_path / "ds", [[4, 3], [5], [2, 2, 2], [3, 4], [6], [1, 5]])
+    kw = dict(shuffle_buffer=2, batch=3)
+    uninterrupted = [loader(root, rank=r, world=2, num_workers=2, **kw) for r in range(2)]
+    expected = _global_order(uninterrupted, 30)
+    for ld in uninterrupted:
+        ld.close()
+    first = [loader(root, rank=r, world=2, num_workers=2, **kw) for r in range(2)]
+    got = _global_order(first, 6)
+    views = [ld.state_dict() for ld in first]
+    for ld in first:
+        ld.close()
+    position = merge_states(views)
+    assert position["batches"] == 12 and position["ranks"] == 2 and position["workers"] == 2
+    legacy = [{"dp_world": 2, "dp_rank": r, "workers": 2, "seed": 5, "batches": 6, "data_id": position["data_id"],
+               "cursors": [position["cursors"][w * 2 + r] for w in range(2)],
+               "skipped": [position["skipped"][w * 2 + r] for w in range(2)]} for r in range(2)]
+    for world, num_workers, saved in ((1, 2, position), (3, 0, position), (4, 0, position), (4, 0, legacy)):
+        resumed = [loader(root, rank=r, world=world, num_workers=num_workers, **kw) for r in range(world)]
+        for ld in resumed:
+            ld.load_state_dict(saved)
+        rest = _global_order(resumed, (60 - 12) // world)
+        assert got + rest == expected, f"resumed at {world} ranks x {num_workers} workers"
+        assert all(ld.stats()["data/batches"] == 60 for ld in resumed)
+        for ld in resumed:
+            ld.close()
+
+
+def test_resume_on_other_data_or_seed_or_too_few_shards_is_refused(tmp_path):
     root = make_dataset(tmp_path / "ds", EQUAL)
     two = loader(root, rank=0, world=2, num_workers=2)
     next(two)
-    with pytest.raises(DataError, match=r"2 data-parallel ranks x 2 workers, this run has 1 x 2"):
-        loader(root, rank=0, world=1, num_workers=2).load_state_dict(two.state_dict())
-    with pytest.raises(DataError, match=r"data.num_workers=2"):
-        loader(root, rank=0, world=2, num_workers=1).load_state_dict(two.state_dict())
-    with pytest.raises(DataError, match="dp rank 0 loaded on dp rank 1"):
-        loader(root, rank=1, world=2, num_workers=2).load_state_dict(two.state_dict())
+    with pytest.raises(DataError, match=r"shuffled with seed 5, this run uses 6; keep experiment.seed"):
+        loader(root, seed=6).load_state_dict(two.state_dict())
+    other = make_dataset(tmp_path / "other", [[4, 4, 4]] * 3)
+    with pytest.raises(DataError, match=r"data.shards: 3 shards cannot feed 2 ranks x 2 workers; write at least 4"):
+        loader(other).load_state_dict({**two.state_dict(), "data_id": loader(other).state.data_id})
+    with pytest.raises(DataError, match=r"trained on other shards"):
+        loader(other).load_state_dict(two.state_dict())
 
 
 def test_state_is_plain_and_roundtrips(tmp_path):
