@@ -29,6 +29,19 @@ def _launcher_env() -> tuple[int, int, int]:
     return 0, 0, 1
 
 
+def _refuse_cpu_when_gpus_were_asked_for() -> None:
+    """A launch that asked for GPUs (launch/torchrun.sh --gpus, slurm.sbatch with a GPU allocation: both export
+    ENGRAM_GPUS_PER_NODE) must not train on CPU because torch sees none (a CPU-only torch, no driver, a job step
+    without its GPUs): falling back silently would train on CPU while the allocation's GPUs sit idle."""
+    asked = os.environ.get("ENGRAM_GPUS_PER_NODE", "").strip()
+    if asked not in ("", "0") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"the launch asked for {asked} GPU(s) per node (ENGRAM_GPUS_PER_NODE={asked}) but torch {torch.__version__} "
+            f"sees no GPU on {socket.gethostname()} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+            "refusing to train on CPU: request GPUs from the scheduler (sbatch --gpus-per-node), install torch's CUDA "
+            "build, or unset ENGRAM_GPUS_PER_NODE to train on CPU")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,6 +75,7 @@ class ParallelDims:
         world = env_world if world is None else world
         rank = env_rank if rank is None else rank
         p, m = cfg.parallel, cfg.model
+        _refuse_cpu_when_gpus_were_asked_for()
         backend = p.backend
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
