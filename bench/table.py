@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +26,9 @@ import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+# DeepSpeed's kernel cache of this CPU model (its kernels are built with -march=native), as the launcher uses it.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "--print-extensions-dir"],
+                                                            check=True, capture_output=True, text=True).stdout.strip())
 
 from engram_train.memory import ShardedEngramTable, TablePrefetcher, UniqueIds, bytes_per_row  # noqa: E402
 from engram_train.memory.sparse_optim import CpuAdam, TorchAdam  # noqa: E402

@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"))
+from tests import kernel_cache_dir
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", kernel_cache_dir())
 
 
 def _free_port() -> int:

@@ -15,7 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"))
+from tests import kernel_cache_dir
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", kernel_cache_dir())
 
 from engram_train.memory import ShardedEngramTable  # noqa: E402
 from engram_train.memory.table import init_rows  # noqa: E402

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"))
+from tests import kernel_cache_dir
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", kernel_cache_dir())
 
 from engram_train.memory import ShardedEngramTable, TablePrefetcher, TableLayout, UniqueIds, bytes_per_row  # noqa: E402
 from engram_train.memory.sharding import RowSharding  # noqa: E402
