@@ -396,7 +396,7 @@ class Checkpointer:
         state = torch.load(path / f"rank_{source[dp_rank % saved_dp]}.pt", map_location="cpu", weights_only=True)
         if "loader" in meta:
             state["loader"] = meta["loader"]
-        else:  # written before the global position: every dp rank's own state, which the loader converts
+        elif "loader" in state:  # written before the global position: every dp rank's own state, converted by the loader
             state["loader"] = [torch.load(path / f"rank_{source[d]}.pt", map_location="cpu", weights_only=True)["loader"]
                                for d in range(saved_dp)]
         return state, meta
