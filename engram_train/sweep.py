@@ -170,17 +170,37 @@ def _by_budget(results: list[dict]) -> dict[str, list[dict]]:
     return dict(sorted(budgets.items(), key=lambda kv: min(r["flops"] for r in kv[1])))
 
 
-def _main_lr(runs: list[dict]) -> float | None:
-    main = [r["lr"] for r in runs if r["series"] == MAIN_SERIES]
-    return max(set(main), key=main.count) if main else None
+def curves_by_lr(runs: list[dict]) -> dict[float, list[dict]]:
+    """The loss-vs-rho curve at each learning rate: main and lr_sweep runs together (an lr_sweep run at some rho is
+    the main experiment at another learning rate), one run per (rho, seed) and learning rate."""
+    by_lr: dict[float, dict[tuple, dict]] = defaultdict(dict)
+    for r in sorted(runs, key=lambda r: r["series"] != MAIN_SERIES):
+        if r["series"] in (MAIN_SERIES, LR_SERIES):
+            by_lr[r["lr"]].setdefault((r["requested_allocation_ratio"], r["seed"]), r)
+    return {lr: list(curve.values()) for lr, curve in sorted(by_lr.items())}
+
+
+def headline_lr(curves: dict[float, list[dict]], runs: list[dict]) -> float | None:
+    """The tuned learning rate whose curve the fit is reported on: among curves with at least 3 rho values, the one
+    with the lowest mean loss over the rho values all of them measured (a curve at an untuned rate would put the
+    question's answer at the mercy of the optimiser). Without such a curve, the main series' learning rate."""
+    full = {lr: dict(_mean_by_ratio(curve)) for lr, curve in curves.items() if len(_mean_by_ratio(curve)) >= 3}
+    if not full:
+        main = [r["lr"] for r in runs if r["series"] == MAIN_SERIES]
+        return max(set(main), key=main.count) if main else None
+    common = set.intersection(*(set(points) for points in full.values()))
+    score = {lr: np.mean([np.mean(v) for x, v in points.items() if not common or x in common]) for lr, points in full.items()}
+    return min(score, key=score.get)
 
 
 def analyze_allocation(results: list[dict], *, bootstrap: int = 2000) -> dict:
-    """Per budget: the main curve's table and fit, the null-memory control, the lr sweep, memory's share."""
+    """Per budget: the curve at the tuned learning rate (table and fit), the curves at the other learning rates,
+    the null-memory control and memory's share, the lr sweep."""
     analysis = {}
     for budget, runs in _by_budget(results).items():
-        lr = _main_lr(runs)
-        main = [r for r in runs if r["series"] == MAIN_SERIES and r["lr"] == lr]
+        curves = curves_by_lr(runs)
+        lr = headline_lr(curves, runs)
+        main = curves.get(lr, [])
         points = _mean_by_ratio(main)
         entry: dict = {
             "tokens": sorted({r["tokens"] for r in runs}),
@@ -188,14 +208,25 @@ def analyze_allocation(results: list[dict], *, bootstrap: int = 2000) -> dict:
             "tokens_per_param": float(np.median([r["tokens_per_param"] for r in main])) if main else None,
             "lr": lr,
             "rows": [_row(r) for r in sorted(runs, key=lambda r: (r["series"], r["realised_allocation_ratio"], r["lr"], r["seed"]))],
-            "points": [{"ratio": x, "val_loss": float(np.mean(v)), "seeds": len(v), "spread": float(np.ptp(v))} for x, v in points],
+            "points": _points(points),
+            "other_lrs": {},
         }
         if len(points) >= 3:
             entry["fit"] = fit_allocation_curve(points, bootstrap=bootstrap)
-        entry["null_memory"] = _memory_share(runs, main)
+        for other, curve in curves.items():
+            other_points = _mean_by_ratio(curve)
+            if other != lr and len(other_points) >= 2:
+                entry["other_lrs"][other] = {"points": _points(other_points)}
+                if len(other_points) >= 3:
+                    entry["other_lrs"][other]["fit"] = fit_allocation_curve(other_points, bootstrap=bootstrap)
+        entry["null_memory"] = _memory_share(runs, curves)
         entry["lr_sweep"] = _lr_table(runs)
         analysis[budget] = entry
     return analysis
+
+
+def _points(points: list[tuple[float, list[float]]]) -> list[dict]:
+    return [{"ratio": x, "val_loss": float(np.mean(v)), "seeds": len(v), "spread": float(np.ptp(v))} for x, v in points]
 
 
 def _row(r: dict) -> dict:
@@ -206,13 +237,15 @@ def _row(r: dict) -> dict:
             "val_stderr": r["val_loss_stderr"], "tokens_per_s": r["tokens_per_s"], "path": r.get("path")}
 
 
-def _memory_share(runs: list[dict], main: list[dict]) -> list[dict]:
-    """At each rho with a null-memory run: what the block alone and the memory add over the pure MoE. Compared
-    with the pure MoE of the same seed where there is one (seeds move the loss as much as rho does here), else
-    with the mean over its seeds; a share only where Engram beats that MoE."""
-    moe_by_seed = {r["seed"]: r["final_val_loss"] for r in main if not r["engram"]}
+def _memory_share(runs: list[dict], curves: dict[float, list[dict]]) -> list[dict]:
+    """At each rho with a null-memory run: what the block alone and the memory add over the pure MoE, all three at
+    the null-memory run's learning rate. Compared with the pure MoE of the same seed where there is one (seeds
+    move the loss as much as rho does here), else with the mean over its seeds; a share only where Engram beats
+    that MoE."""
     shares = []
     for null in (r for r in runs if r["series"] == NULL_MEMORY_SERIES):
+        main = curves.get(null["lr"], [])
+        moe_by_seed = {r["seed"]: r["final_val_loss"] for r in main if not r["engram"]}
         same = [r["final_val_loss"] for r in main
                 if r["requested_allocation_ratio"] == null["requested_allocation_ratio"] and r["seed"] == null["seed"]]
         if not same or not moe_by_seed:
@@ -221,7 +254,7 @@ def _memory_share(runs: list[dict], main: list[dict]) -> list[dict]:
         moe = moe_by_seed[null["seed"]] if paired else float(np.mean(list(moe_by_seed.values())))
         total_gain = moe - same[0]
         memory_gain = null["final_val_loss"] - same[0]
-        shares.append({"rho": null["requested_allocation_ratio"], "seed": null["seed"], "moe": moe, "moe_same_seed": paired,
+        shares.append({"rho": null["requested_allocation_ratio"], "seed": null["seed"], "lr": null["lr"], "moe": moe, "moe_same_seed": paired,
                        "null_memory": null["final_val_loss"], "engram": same[0], "gain_total": total_gain,
                        "gain_memory": memory_gain, "memory_share": memory_gain / total_gain if total_gain > 0 else None})
     return shares
@@ -263,7 +296,9 @@ def markdown(analysis: dict, memory: dict | None = None) -> str:
     lines = []
     for budget, entry in analysis.items():
         lines += [f"## Budget {budget}: {', '.join(f'{t:,}' for t in entry['tokens'])} tokens, "
-                  f"{entry['flops']:.3g} FLOPs, {entry['tokens_per_param'] or 0:.1f} tokens per parameter, lr {entry['lr']}", "",
+                  f"{entry['flops']:.3g} FLOPs, {entry['tokens_per_param'] or 0:.1f} tokens per parameter, lr {entry['lr']:g}"
+                  + (" (the lowest of the curves at " + ", ".join(f"{lr:g}" for lr in sorted([entry["lr"], *entry["other_lrs"]]))
+                     + "; fit and plot on it)" if entry["other_lrs"] else ""), "",
                   "| series | rho req. | rho real. | experts | Engram rows | P_tot | P_act | lr | seed | val loss | ± stderr | tok/s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in entry["rows"]:
@@ -276,9 +311,13 @@ def markdown(analysis: dict, memory: dict | None = None) -> str:
                       f"{entry['fit']['noise_source']}): "
                       f"{entry['fit']['verdict']}. Best measured point: rho {entry['fit']['best_measured']['ratio']:.2f}, "
                       f"val loss {entry['fit']['best_measured']['val_loss']:.4f}."]
+        for other, curve in entry["other_lrs"].items():
+            values = ", ".join(f"{p['ratio']:.2f}: {p['val_loss']:.4f}" for p in curve["points"])
+            verdict = f"; fit: {curve['fit']['verdict']}" if "fit" in curve else ""
+            lines.append(f"- curve at lr {other:g} (rho: val loss): {values}{verdict}")
         for s in entry["null_memory"]:
             moe = f"MoE {s['moe']:.4f} ({'same seed' if s['moe_same_seed'] else 'mean over seeds'})"
-            head = (f"- rho {s['rho']}, seed {s['seed']}: {moe}, null-memory block {s['null_memory']:.4f}, "
+            head = (f"- rho {s['rho']}, seed {s['seed']}, lr {s['lr']:g}: {moe}, null-memory block {s['null_memory']:.4f}, "
                     f"Engram {s['engram']:.4f}: memory adds {s['gain_memory']:.4f} over the block alone")
             if s["memory_share"] is None:
                 lines.append(f"{head}; Engram is not better than that MoE ({-s['gain_total']:+.4f}), so no share")
@@ -314,13 +353,14 @@ def plot(analysis: dict, results: list[dict], path: Path, memory: dict | None = 
         ax, color = axes[0][i], colors[i % len(colors)]
         seeds = defaultdict(list)
         for r in entry["rows"]:
-            if r["series"] == MAIN_SERIES and r["lr"] == entry["lr"]:
+            if r["series"] in (MAIN_SERIES, LR_SERIES) and r["lr"] == entry["lr"]:
                 seeds[round(r["rho"], 6)].append(r["val_loss"])
         xs = [p["ratio"] for p in entry["points"]]
         ys = [p["val_loss"] for p in entry["points"]]
         lo = [y - min(seeds[round(x, 6)]) for x, y in zip(xs, ys)]
         hi = [max(seeds[round(x, 6)]) - y for x, y in zip(xs, ys)]
-        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color=color, capsize=3, label="Engram + MoE (bars: seed range)")
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color=color, capsize=3,
+                    label=f"Engram + MoE, lr {entry['lr']:g} (bars: seed range)")
         if "fit" in entry:
             fit = entry["fit"]
             grid = np.linspace(*fit["range"], 200)
@@ -329,14 +369,13 @@ def plot(analysis: dict, results: list[dict], path: Path, memory: dict | None = 
             ax.errorbar([fit["argmin"]], [ymin], xerr=[[fit["argmin"] - fit["argmin_interval_90"][0]],
                         [fit["argmin_interval_90"][1] - fit["argmin"]]], fmt="*", ms=13, color="black", capsize=4,
                         label=f"fitted min {fit['argmin']:.2f} (90% bootstrap)" + ("" if fit["interior"] else ", range end"))
-        nulls = [r for r in entry["rows"] if r["series"] == NULL_MEMORY_SERIES]
+        nulls = [r for r in entry["rows"] if r["series"] == NULL_MEMORY_SERIES and r["lr"] == entry["lr"]]
         if nulls:
             ax.plot([r["rho_requested"] for r in nulls], [r["val_loss"] for r in nulls], "s", mfc="none", ms=8,
                     color="tab:red", label="null memory (block, 1 row/head)")
-        others = [r for r in entry["rows"] if r["series"] == LR_SERIES]
-        if others:
-            ax.plot([r["rho"] for r in others], [r["val_loss"] for r in others], "x", color="gray",
-                    label="other learning rates")
+        for j, (other, curve) in enumerate(entry["other_lrs"].items()):
+            ax.plot([p["ratio"] for p in curve["points"]], [p["val_loss"] for p in curve["points"]], "x--", lw=0.8,
+                    color=plt.cm.Greys(0.45 + 0.4 * j / max(1, len(entry["other_lrs"]) - 1)), label=f"lr {other:g} (seed mean)")
         ax.set_title(f"{budget}: {', '.join(f'{t / 1e6:.2g}M' for t in entry['tokens'])} tokens, "
                      f"{entry['tokens_per_param'] or 0:.0f} tokens/param", fontsize=10)
         ax.set_xlabel("allocation ratio rho (routed experts' share of sparse params)")

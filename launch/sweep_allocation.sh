@@ -33,5 +33,18 @@ train experiment=sweep_tiny scaling.allocation_ratio=0,0.2 optim.lr=6e-3 scaling
 # infinite memory: the rho=0.6 backbone (10 experts, shared expert 11) fixed, Engram rows swept over 2.4 decades
 train experiment=sweep_tiny scaling.allocation_ratio=null model.num_experts=10 model.moe_shared_expert_intermediate_size=11 \
   engram.rows_per_head=32,128,512,2048,8192 scaling.series=infinite_memory
+# The tuned sweep: both arms' learning rate from the lr sweep above (6e-3 best for both at tiny and 3x), the whole
+# curve with three seeds at tiny and two at 3x, the null-memory control at the same rate; then 1.2e-2 for both arms.
+tuned() { train "$@" scaling.series=lr_sweep; }
+for budget in sweep_tiny sweep_tiny_3x; do
+  tuned experiment=$budget scaling.allocation_ratio=$RHOS optim.lr=6e-3
+  seeds=1235; [ $budget = sweep_tiny ] && seeds=1235,1236
+  tuned experiment=$budget scaling.allocation_ratio=$RHOS optim.lr=6e-3 experiment.seed=$seeds
+done
+train experiment=sweep_tiny scaling.allocation_ratio=0.6 engram.null_memory=true scaling.series=null_memory optim.lr=6e-3 \
+  experiment.seed=1234,1235
+train experiment=sweep_tiny_3x scaling.allocation_ratio=0.6 engram.null_memory=true scaling.series=null_memory optim.lr=6e-3
+tuned experiment=sweep_tiny scaling.allocation_ratio=$RHOS optim.lr=1.2e-2
+tuned experiment=sweep_tiny_3x scaling.allocation_ratio=0,0.6,1.0 optim.lr=1.2e-2
 $PY -m engram_train.sweep analyze outputs/sweeps/sweep_tiny outputs/sweeps/sweep_tiny_3x --infinite-memory \
   --out docs/results/allocation_ratio

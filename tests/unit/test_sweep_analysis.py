@@ -61,6 +61,29 @@ def test_recovers_a_known_interior_minimum_and_reads_the_controls(tmp_path):
     assert (tmp_path / "out" / "allocation_ratio.png").stat().st_size > 10_000
 
 
+def test_the_fit_is_on_the_curve_at_the_tuned_learning_rate_and_controls_pair_by_lr(tmp_path):
+    """Main runs at an untuned 3e-3 (a monotone curve, 0.4 nats higher), lr_sweep runs over the whole range at 6e-3
+    (a U with its minimum at 0.7) and at 1.2e-2 (worse): the headline is the 6e-3 curve, the others stay beside
+    it, and a null-memory run at 6e-3 is compared with the 6e-3 MoE and Engram runs, not the 3e-3 ones."""
+    for rho in RATIOS:
+        _result(tmp_path, rho=rho, loss=3.4 + 0.1 * rho)
+        _result(tmp_path, rho=rho, lr=6e-3, series="lr_sweep", loss=3.0 + 0.5 * (rho - 0.7) ** 2)
+        if rho in (0.0, 0.6, 1.0):
+            _result(tmp_path, rho=rho, lr=1.2e-2, series="lr_sweep", loss=3.2 + 0.5 * (rho - 0.7) ** 2)
+    engram, moe = 3.0 + 0.5 * 0.1 ** 2, 3.0 + 0.5 * 0.3 ** 2
+    _result(tmp_path, rho=0.6, lr=6e-3, series="null_memory", null=True, loss=engram + 0.25 * (moe - engram))
+    _result(tmp_path, rho=0.6, series="null_memory", null=True, loss=3.9)
+    out = analyze([tmp_path], tmp_path / "out", wandb_mode="disabled", bootstrap=200)["allocation"]["b1"]
+    assert out["lr"] == 6e-3
+    assert out["fit"]["interior"] and abs(out["fit"]["argmin"] - 0.7) < 0.02, out["fit"]
+    assert sorted(out["other_lrs"]) == [3e-3, 1.2e-2] and not out["other_lrs"][3e-3]["fit"]["interior"]
+    share = next(s for s in out["null_memory"] if s["lr"] == 6e-3)
+    assert share["moe"] == pytest.approx(moe) and share["engram"] == pytest.approx(engram)
+    assert share["memory_share"] == pytest.approx(0.25)
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "lr 0.006 (the lowest of the curves at 0.003, 0.006, 0.012" in text and "curve at lr 0.003" in text
+
+
 def test_a_minimum_at_the_end_of_the_range_is_reported_as_such(tmp_path):
     for rho in RATIOS:
         for seed in (1, 2):
