@@ -131,6 +131,8 @@ class Checkpointer:
         self._calls = AsyncCallsQueue() if async_save else None
         #: Final folder of the save whose writers are still running (async only); identical on every rank.
         self.in_flight: Path | None = None
+        #: Called on rank 0 with each checkpoint folder once it is complete (sealed and renamed).
+        self.on_sealed: Callable[[Path], None] | None = None
 
     def step_dir(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
@@ -243,6 +245,8 @@ class Checkpointer:
                 shutil.rmtree(final)
             os.replace(partial, final)
             self._prune()
+            if self.on_sealed is not None:
+                self.on_sealed(final)
         _barrier()
 
     @contextlib.contextmanager

@@ -43,6 +43,17 @@ class ModelConfig:
     rotary_base: int = 10000
     #: Pad the vocabulary to a multiple of this (times TP), as Megatron does.
     make_vocab_size_divisible_by: int = 64
+    #: Parameter and activation dtype of the backbone and Engram blocks: bf16 (Megatron's bf16 path: bf16
+    #: weights, fp32 main parameters in the optimizer, gradients accumulated and reduced in fp32, router and
+    #: Engram gate in fp32), fp32, or auto (bf16 on a GPU, fp32 on CPU).
+    precision: str = "auto"
+    #: Core attention: te (Transformer Engine layer specs: fused attention, grouped expert GEMMs; GPU with TE
+    #: installed), sdpa (torch scaled_dot_product_attention: flash/memory-efficient kernels, no [s, s] scores),
+    #: local (Megatron's unfused DotProductAttention), auto (te where it imports on a GPU, else sdpa).
+    attention: str = "auto"
+    #: Activation recompute: none, selective (Megatron recomputes core attention in the backward), full
+    #: (every layer's activations are recomputed from its input: least memory, ~1/3 more compute).
+    recompute: str = "none"
 
 
 @dataclass
@@ -184,6 +195,9 @@ class WandbConfig:
     console: bool = True
     #: Sample system metrics (CPU, memory, GPU) into the W&B run.
     system_metrics: bool = True
+    #: Log each complete checkpoint as a W&B artifact (type checkpoint, aliases step_<n> and latest) that holds
+    #: only a reference to its folder: nothing is uploaded or hashed.
+    log_checkpoints: bool = False
 
 
 @dataclass
@@ -314,6 +328,9 @@ def validate(cfg: Config) -> None:
         f"must be divisible by model.num_attention_heads={m.num_attention_heads}",
     )
     _choice("model.moe_token_dispatcher", m.moe_token_dispatcher, ("alltoall", "allgather"))
+    _choice("model.precision", m.precision, ("auto", "bf16", "fp32"))
+    _choice("model.attention", m.attention, ("auto", "te", "sdpa", "local"))
+    _choice("model.recompute", m.recompute, ("none", "selective", "full"))
     _check(m.moe_aux_loss_coeff >= 0, "model.moe_aux_loss_coeff", m.moe_aux_loss_coeff, "must be >= 0")
 
     if e.enabled:

@@ -4,7 +4,9 @@ Two strategies behind one small interface (``start`` before the first micro-batc
 every micro-batch but the last, ``finish`` after the last backward), giving the same gradients:
 
 - ``CoalescedGradSync``: after the backward, one flat all-reduce per group (``parallel.finalize_grads``).
-  On CPU, where the all-reduce cannot overlap anything (every core computes), this is the cheapest.
+  On CPU, where the all-reduce cannot overlap anything (every core computes), this is the cheapest. With bf16
+  parameters it accumulates each gradient into an fp32 ``main_grad`` as soon as autograd has it, as Megatron's
+  DDP does, so micro-batches are summed and reduced in fp32 (``grad_reduce_in_fp32``).
 - ``MegatronGradSync``: Megatron-core's ``DistributedDataParallel``. Gradients accumulate in fp32 bucket
   buffers (``param.main_grad``) and each bucket's all-reduce starts during the last micro-batch's backward
   as soon as its gradients are ready (``overlap_grad_reduce``), hidden behind the remaining backward on a
@@ -22,14 +24,37 @@ import torch
 
 from engram_train.parallel import ParallelDims, finalize_grads
 
+def _accumulate_in_fp32(param: torch.nn.Parameter) -> None:
+    param.main_grad.add_(param.grad)
+    param.grad = None  # the bf16 gradient is folded in: free it now, as Megatron DDP's hook does
+
+
 class CoalescedGradSync:
     description = "one coalesced all-reduce per group after the backward"
 
     def __init__(self, model: torch.nn.Module, dims: ParallelDims):
         self.model, self.dims = model, dims
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.main_grads, self.hooks = None, []
+        if any(p.dtype != torch.float32 for p in params):
+            # One flat fp32 buffer, each parameter's main_grad a view of it (zeroed in one call per step).
+            self.main_grads = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
+            offset = 0
+            for param in params:
+                param.main_grad = self.main_grads[offset:offset + param.numel()].view_as(param)
+                offset += param.numel()
+                self.hooks.append(param.register_post_accumulate_grad_hook(_accumulate_in_fp32))
+            self.description += " (fp32 gradient accumulation and reduction)"
+
+    def close(self) -> None:
+        """Stop accumulating into ``main_grad`` (another grad sync takes over the model)."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
 
     def start(self) -> None:
-        pass
+        if self.main_grads is not None:
+            self.main_grads.zero_()
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -74,7 +99,8 @@ class MegatronGradSync:
         if self.distributed_optimizer:
             return  # each rank holds only its shard of the reduced buffer; the optimizer reads it there
         for param in self.params:
-            param.grad = param.main_grad
+            if param.dtype == param.main_grad.dtype:  # a bf16 parameter keeps its fp32 main_grad apart
+                param.grad = param.main_grad
 
 
 def build_grad_sync(choice: str, model: torch.nn.Module, dims: ParallelDims, *, distributed_optimizer: bool = False):

@@ -17,6 +17,7 @@ from typing import Any
 
 from rich.console import Console
 
+from engram_train import wandb_history
 from engram_train.config import WandbConfig
 
 
@@ -27,6 +28,7 @@ class MetricsLogger:
         self.console = Console(highlight=False, soft_wrap=True)
         self.wandb_run = None
         self.wandb_dir: str | None = None
+        self.wandb_held_through = -1  # the last step W&B already holds from earlier segments of this run
         self._started = time.monotonic()
         if not enabled:
             return
@@ -42,17 +44,31 @@ class MetricsLogger:
             run_id_file = run_dir / "wandb_run_id"
             run_id = run_id_file.read_text().strip() if run_id_file.exists() else secrets.token_hex(4)
             run_id_file.write_text(run_id)
-            self.wandb_run = wandb_sdk.init(
+            self.wandb_run = _init_when_free(lambda: wandb_sdk.init(
                 project=wandb.project, entity=wandb.entity, name=name, group=wandb.group or None, job_type=wandb.job_type,
                 tags=tags or None, id=run_id, resume="allow", mode=wandb.mode, dir=str(run_dir), config=config,
                 settings=wandb_sdk.Settings(console="wrap" if wandb.console else "off",
                                             x_disable_stats=not wandb.system_metrics),
-            )
+            ), run_id, say=self.console.print)
             self.wandb_dir = str(Path(self.wandb_run.dir).parent)
             # Curves against tokens as well as steps: runs of different batch sizes compare on one axis.
             self.wandb_run.define_metric("tokens")
             for key in _TOKEN_AXIS_KEYS:
                 self.wandb_run.define_metric(key, step_metric="tokens")
+            self._continue_wandb_history(run_dir / "wandb", run_id)
+
+    def _continue_wandb_history(self, wandb_dir: Path, run_id: str) -> None:
+        """Leave each step in the W&B run exactly once across resumes: what earlier segments lost (a killed
+        segment's buffered records) is backfilled from metrics.jsonl; what they hold is not logged again (a
+        resume repeats those steps bit for bit, so the values W&B holds are the ones this run would log)."""
+        held = wandb_history.held_through(wandb_dir, run_id, exclude=Path(self.wandb_dir))
+        # Online, the server counts too: wandb drops any step below the one it resumes at.
+        held = max(held, int(getattr(self.wandb_run, "starting_step", 0) or 0) - 1)
+        self.wandb_held_through = held
+        for line in self.jsonl_path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("step", 0) > held:
+                self.wandb_run.log(_for_wandb(record), step=record["step"])
 
     def _truncate_after(self, step: int) -> None:
         """Drop records past the checkpoint resumed from, so the file holds each step once after any crash and
@@ -72,11 +88,24 @@ class MetricsLogger:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        if self.wandb_run is not None:
-            self.wandb_run.log(record, step=step)
+        if self.wandb_run is not None and step > self.wandb_held_through:
+            self.wandb_run.log(_for_wandb(record), step=step)
         if console:
             self.console.print(_format(record, total_steps=self.total_steps, elapsed_s=time.monotonic() - self._started,
                                        eta_s=eta_s))
+
+    def log_checkpoint(self, folder: Path) -> None:
+        """A complete checkpoint as a W&B artifact holding a reference to its folder (``wandb.log_checkpoints``).
+        ``checksum=False``: W&B lists the files' paths without reading them (checkpoints are large; their own
+        sha256 sums are in meta.json)."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        step = int(folder.name.removeprefix("step_"))
+        artifact = wandb.Artifact(f"checkpoints-{self.wandb_run.id}", type="checkpoint", metadata={"step": step})
+        artifact.add_reference(Path(folder).resolve().as_uri(), name=folder.name, checksum=False)
+        self.wandb_run.log_artifact(artifact, aliases=[f"step_{step}", "latest"])
 
     def print(self, message: str) -> None:
         if self.enabled:
@@ -96,6 +125,25 @@ class MetricsLogger:
             self.wandb_run.finish(exit_code=exit_code)
 
 
+#: How long a resume waits for a killed segment's wandb-core to let go of the run id.
+WANDB_RELEASE_TIMEOUT_S = 120.0
+
+
+def _init_when_free(init, run_id: str, *, say):
+    """``init()``, retried while W&B answers "run ID ... is in use": after a kill -9 the dead segment's wandb-core
+    (its own session, so the kill misses it) holds the run until it notices its parent is gone (about 2 s
+    measured, longer on a loaded machine), and a scheduler restarts the job at once."""
+    deadline = time.monotonic() + WANDB_RELEASE_TIMEOUT_S
+    while True:
+        try:
+            return init()
+        except Exception as error:  # noqa: BLE001 - wandb raises its ServerResponseError (not exported) for this
+            if "is in use" not in str(error) or time.monotonic() > deadline:
+                raise
+            say(f"W&B run {run_id} is still held by the previous segment's wandb-core; waiting for it to exit")
+            time.sleep(2.0)
+
+
 def _step_of(line: str) -> int | None:
     """The step of a metrics.jsonl line; None for a line a crash cut short."""
     try:
@@ -110,6 +158,24 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+#: Keys whose value is a list of counts in equal bins over [0, 1] (metrics.jsonl keeps the counts).
+HISTOGRAM_PREFIX = "engram_gate_hist/"
+
+
+def _for_wandb(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with each histogram's counts as a ``wandb.Histogram`` (drawn as one, over the steps)."""
+    if not any(key.startswith(HISTOGRAM_PREFIX) for key in record):
+        return record
+    import numpy as np
+    import wandb
+
+    out = dict(record)
+    for key, counts in record.items():
+        if key.startswith(HISTOGRAM_PREFIX):
+            out[key] = wandb.Histogram(np_histogram=(np.asarray(counts), np.linspace(0.0, 1.0, len(counts) + 1)))
+    return out
 
 
 _CONSOLE_KEYS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "moe_load_imbalance", "table_wait_share")

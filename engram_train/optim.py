@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from engram_train.backbone.checkpoint import adam_sharded_state_dict, init_adam_state, load_adam_state_dict
-from engram_train.config import OptimConfig
-from engram_train.parallel import backbone_grad_norm_sq
+from engram_train.config import ConfigError, OptimConfig
+from engram_train.parallel import backbone_grad_norm_sq, grad_of
 
 
 def decays(name: str, param: torch.nn.Parameter) -> bool:
@@ -31,6 +31,11 @@ class TorchAdamW:
     """torch AdamW over the full (all-reduced) gradients: every DP rank keeps the moments of its TP/EP shard.
 
     Runs on CPU and GPU. The gradient norm counts every shard once (``parallel.backbone_grad_norm_sq``).
+    With bf16 parameters (``model.precision=bf16``) AdamW steps fp32 main copies of them on their fp32
+    gradients (``main_grad``) and the bf16 weights are rounded from those after every step, so updates
+    smaller than bf16's resolution accumulate. Our own few lines: Megatron's equivalent
+    (``Float16OptimizerWithFloat16Params``) accepts only ``torch.cuda`` tensors, so it cannot run on CPU.
+    The main copies are saved in checkpoints beside the moments.
     """
 
     description = "torch AdamW (Adam state replicated on every DP rank)"
@@ -45,9 +50,12 @@ class TorchAdamW:
         for name, param in model.named_parameters():
             if param.requires_grad:
                 (decay if decays(name, param) else no_decay).append(param)
+        #: (model parameter, the tensor AdamW steps: the parameter itself, or its fp32 main copy) in optimizer order.
+        self.pairs = [(p, p if p.dtype == torch.float32 else p.detach().float()) for p in decay + no_decay]
+        mains = [main for _, main in self.pairs]
         groups = [
-            {"params": decay, "weight_decay": optim.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": mains[:len(decay)], "weight_decay": optim.weight_decay},
+            {"params": mains[len(decay):], "weight_decay": 0.0},
         ]
         self.optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
                                            foreach=True)
@@ -58,31 +66,40 @@ class TorchAdamW:
     def step(self, *, lr: float, clip_scale: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        for param, main in self.pairs:
+            main.grad = grad_of(param)  # fp32 either way; a view, no copy
         if clip_scale < 1.0:
-            for param in self.model.parameters():
-                if param.grad is not None:
-                    param.grad.mul_(clip_scale)
+            for _, main in self.pairs:
+                if main.grad is not None:
+                    main.grad.mul_(clip_scale)
         self.optimizer.step()
+        with torch.no_grad():
+            for param, main in self.pairs:
+                if main is not param:
+                    param.copy_(main)
         self.zero_grad()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        for param, _ in self.pairs:
+            param.grad = None
 
     def sharded_state_dict(self, model_state: dict, *, loading: bool) -> dict:
-        return adam_sharded_state_dict(self.optimizer, model_state, loading=loading)
+        return adam_sharded_state_dict(self.optimizer, model_state, loading=loading, model_params=[p for p, _ in self.pairs])
 
     def load_state_dict(self, state: dict) -> None:
         load_adam_state_dict(self.optimizer, state)
 
 
-def megatron_optimizer_config(optim: OptimConfig):
-    """Our optim group as Megatron's ``OptimizerConfig`` (clipping off: the trainer clips)."""
+def megatron_optimizer_config(optim: OptimConfig, params_dtype: torch.dtype = torch.float32):
+    """Our optim group as Megatron's ``OptimizerConfig`` (clipping off: the trainer clips). With bf16 parameters
+    Megatron's optimizer keeps fp32 main parameters (its ``main_params_dtype`` default) and fp32 main grads."""
     from megatron.core.optimizer import OptimizerConfig
 
     return OptimizerConfig(
         optimizer="adam", lr=optim.lr, min_lr=optim.lr * optim.min_lr_ratio, weight_decay=optim.weight_decay,
         adam_beta1=optim.beta1, adam_beta2=optim.beta2, adam_eps=optim.eps, clip_grad=0.0,
-        use_distributed_optimizer=True, params_dtype=torch.float32,
+        use_distributed_optimizer=True, params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
     )
 
 
@@ -118,10 +135,17 @@ class MegatronDistributedAdam:
         from megatron.core import parallel_state
         from megatron.core.optimizer import get_megatron_optimizer
 
+        if model.config.params_dtype != torch.float32:
+            # Measured on the CPU-redirected test (tests/distributed/test_backbone_parity.py): bf16 training steps
+            # match, but the first checkpoint fails inside megatron-core 0.16.1's dp_reshardable optimizer state
+            # (a bucket-slice shape assertion), so a run would die at its first save. Refused up front instead.
+            raise ConfigError("optim.distributed=true with bf16 parameters: the distributed optimizer's checkpoint "
+                              "of bf16 parameters fails in megatron-core 0.16.1; set model.precision=fp32, or "
+                              "optim.distributed=false (torch AdamW with fp32 main parameters)")
         self.fixed_layout = {"tp": parallel_state.get_tensor_model_parallel_world_size(),
                              "ep": parallel_state.get_expert_model_parallel_world_size()}
 
-        config = megatron_optimizer_config(optim)
+        config = megatron_optimizer_config(optim, model.config.params_dtype)
         self.optimizer = get_megatron_optimizer(config, [model.grad_sync.ddp], config_overrides=megatron_decay_overrides(),
                                                 use_gloo_process_groups=False)
         self.parts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])

@@ -249,6 +249,13 @@ def _is_expert(param: torch.nn.Parameter) -> bool:
     return not getattr(param, "allreduce", True)
 
 
+def grad_of(param: torch.nn.Parameter) -> torch.Tensor | None:
+    """The gradient the optimizer steps on: the fp32 ``main_grad`` where a grad sync keeps one (Megatron DDP;
+    bf16 parameters, whose gradients accumulate and are reduced in fp32), else ``param.grad``."""
+    main_grad = getattr(param, "main_grad", None)
+    return main_grad if main_grad is not None else param.grad
+
+
 def finalize_grads(model: torch.nn.Module, dims: ParallelDims) -> None:
     """Make every rank's gradients those of the global batch, as Megatron's finalize_model_grads does.
 
@@ -259,7 +266,7 @@ def finalize_grads(model: torch.nn.Module, dims: ParallelDims) -> None:
     """
     from megatron.core import parallel_state
 
-    grads = [(p, p.grad) for p in model.parameters() if p.grad is not None]
+    grads = [(p, g) for p in model.parameters() if (g := grad_of(p)) is not None]
     if dims.tp > 1:
         partial = [g for p, g in grads if getattr(p, "sequence_parallel", False)]
         _all_reduce_coalesced(partial, parallel_state.get_tensor_model_parallel_group())
@@ -293,10 +300,11 @@ def backbone_grad_norm_sq(model: torch.nn.Module, dims: ParallelDims) -> torch.T
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     etp_rank = parallel_state.get_expert_tensor_parallel_rank()
     for param in model.parameters():
-        if param.grad is None:
+        grad = grad_of(param)
+        if grad is None:
             continue
         sharded = getattr(param, "tensor_model_parallel", False)
-        square = param.grad.detach().double().pow(2).sum()
+        square = grad.detach().double().pow(2).sum()
         if _is_expert(param):
             if sharded or etp_rank == 0:
                 expert += square

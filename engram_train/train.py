@@ -194,6 +194,8 @@ def open_logger(run: TrainingRun, state: TrainState, allocation: AllocationPlan 
                            wandb=x.wandb, name=x.wandb.name or x.name, tags=run_tags(cfg, allocation),
                            enabled=run.dims.is_main, resume_step=state.step, total_steps=run.plan.total_steps)
     stack.push(lambda kind, error, trace: logger.close(exit_code=0 if kind is None else 1))
+    if x.wandb.log_checkpoints:
+        run.checkpointer.on_sealed = logger.log_checkpoint
     if state.step == 0:
         logger.log(0, {f"params/{k}": v for k, v in run.accounting.to_dict().items()}, console=False)
     if run.dims.is_main:
@@ -204,6 +206,8 @@ def open_logger(run: TrainingRun, state: TrainState, allocation: AllocationPlan 
 def announce(run: TrainingRun, logger: MetricsLogger, allocation: AllocationPlan | None) -> None:
     cfg = run.cfg
     logger.print(run.plan.describe(run.model, run.table))
+    logger.print(f"kernels: {run.model.kernels.describe()} (model.precision={cfg.model.precision}, "
+                 f"model.attention={cfg.model.attention}, model.recompute={cfg.model.recompute})")
     if allocation is not None:
         logger.print(allocation.describe())
     if run.table is not None:
@@ -285,7 +289,8 @@ def train_loop(run: TrainingRun, state: TrainState, logger: MetricsLogger, lates
             metrics = step_metrics(run, state, window, lr=lr, grad_norm=grad_norm, result=result)
             if evaluate_now:
                 val = run.evaluate()
-                metrics.update(val_loss=val.mean, val_loss_stderr=val.stderr, val_unigram_entropy=entropy)
+                metrics.update(val_loss=val.mean, val_loss_stderr=val.stderr, val_unigram_entropy=entropy,
+                               **{f"engram_gate_hist/layer_{k}": v for k, v in val.gate_histograms.items()})
             logger.log(state.step, metrics, eta_s=eta_seconds(state, start, plan.total_steps))
             window = MetricsWindow()
         preempted = run.watch.should_stop()

@@ -127,7 +127,7 @@ class EngramLookup:
             if self.tp_group is not None or self.device.type != "cpu":
                 # The table lives in host RAM; the model (and the TP group's backend) may be on a GPU.
                 shape = (*self.hash_ids.shape, self.table.dim)
-                shared = rows.detach().to(self.device) if self.is_leader else torch.empty(shape, device=self.device)
+                shared = rows.detach().to(self.device) if self.is_leader else torch.empty(shape, dtype=self.table.dtype, device=self.device)
                 if self.tp_group is not None:
                     dist.broadcast(shared, group=self.tp_group, group_src=0)
                 rows = shared.requires_grad_()
@@ -247,15 +247,17 @@ class MetricsWindow:
         return metrics
 
 
-@torch.no_grad()
 @dataclass(frozen=True)
 class ValLoss:
     """Mean per-token validation loss and its sampling error (std of per-sequence means / sqrt(sequences))."""
 
     mean: float
     stderr: float
+    #: Engram gate histogram per layer over this rank's validation tokens (``EngramBlock.take_eval_gate_counts``).
+    gate_histograms: dict = field(default_factory=dict)
 
 
+@torch.no_grad()
 def evaluate(model, table, val_loader, batches: int, dims) -> ValLoss:
     """Loss over the first ``batches`` validation batches of every DP rank (deterministic)."""
     model.eval()
@@ -277,7 +279,7 @@ def evaluate(model, table, val_loader, batches: int, dims) -> ValLoss:
         raise RuntimeError("validation split yielded no batches; re-run data preparation with a validation split")
     mean, sequences = float(sums[0] / sums[1]), float(sums[3])
     variance = max(0.0, float(sums[2]) / sequences - mean * mean) * sequences / max(1.0, sequences - 1)
-    return ValLoss(mean, math.sqrt(variance / sequences))
+    return ValLoss(mean, math.sqrt(variance / sequences), model.take_eval_gate_histograms())
 
 
 def unigram_entropy(val_loader, batches: int, *, vocab_size: int) -> float:

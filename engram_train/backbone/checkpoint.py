@@ -51,15 +51,26 @@ def init_adam_state(optimizer: torch.optim.Optimizer) -> None:
             state["exp_avg_sq"] = torch.zeros_like(param)
 
 
-def adam_sharded_state_dict(optimizer: torch.optim.Optimizer, model_state: dict, *, loading: bool) -> dict:
-    """torch AdamW's state with each moment sharded like its parameter in ``model_state``."""
+def adam_sharded_state_dict(optimizer: torch.optim.Optimizer, model_state: dict, *, loading: bool,
+                            model_params: list[torch.nn.Parameter] | None = None) -> dict:
+    """torch AdamW's state with each moment sharded like its parameter in ``model_state``.
+
+    ``model_params``: the model parameter each optimizer parameter stands for, in optimizer order, where
+    AdamW steps fp32 main copies of bf16 parameters; each main copy is then saved (and loaded) beside its
+    moments as ``fp32_param``, so a resumed bf16 run continues from the exact fp32 weights.
+    """
     if loading:
         init_adam_state(optimizer)
     optim_state = optimizer.state_dict()
     steps = {float(s["step"]) for s in optim_state["state"].values() if "step" in s}
     if len(steps) > 1:
         raise RuntimeError(f"AdamW parameters disagree on the step count ({sorted(steps)}); cannot checkpoint")
-    id_map = get_param_id_to_sharded_param_map(model_state, _optimizer_params(optimizer))
+    mains = _optimizer_params(optimizer)
+    model_params = mains if model_params is None else model_params
+    for index, (param, main) in enumerate(zip(model_params, mains)):
+        if main is not param:
+            optim_state["state"].setdefault(index, {})["fp32_param"] = main.detach()
+    id_map = get_param_id_to_sharded_param_map(model_state, model_params)
     optim_state_to_sharding_state(optim_state, id_map, exclude_keys=("step",))
     optim_state["common_step"] = steps.pop() if steps else 0.0
     return optim_state
@@ -67,8 +78,12 @@ def adam_sharded_state_dict(optimizer: torch.optim.Optimizer, model_state: dict,
 
 def load_adam_state_dict(optimizer: torch.optim.Optimizer, optim_state: dict) -> None:
     step = float(optim_state.pop("common_step"))
-    for param_state in optim_state["state"].values():
+    mains = _optimizer_params(optimizer)
+    for index, param_state in optim_state["state"].items():
         param_state["step"] = torch.tensor(step, dtype=torch.float32)
+        if "fp32_param" in param_state:
+            with torch.no_grad():
+                mains[index].copy_(param_state.pop("fp32_param"))
     optimizer.load_state_dict(optim_state)
 
 

@@ -16,15 +16,14 @@ from typing import Callable
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
 from torch import nn
 
 from engram_train.config import EngramConfig, ModelConfig
 from engram_train.backbone.init import canonical_init_
+from engram_train.backbone.kernels import Kernels
 from engram_train.backbone.moe_stats import MoELoadTracker
-from engram_train.backbone.norm import replace_torch_norm
 from engram_train.engram.module import EngramBlock
 
 
@@ -53,7 +52,7 @@ class EngramLayout:
         )
 
 
-def transformer_config(model: ModelConfig, *, tp: int, ep: int, on_cpu: bool) -> TransformerConfig:
+def transformer_config(model: ModelConfig, kernels: Kernels, *, tp: int, ep: int, on_cpu: bool) -> TransformerConfig:
     """Megatron TransformerConfig from our schema; dropout off so runs are bit-reproducible."""
     moe = model.num_experts > 0
     extra = {}
@@ -65,7 +64,7 @@ def transformer_config(model: ModelConfig, *, tp: int, ep: int, on_cpu: bool) ->
             moe_aux_loss_coeff=model.moe_aux_loss_coeff,
             moe_token_dispatcher_type=model.moe_token_dispatcher,
             moe_router_load_balancing_type="aux_loss",
-            moe_grouped_gemm=False,
+            moe_grouped_gemm=kernels.grouped_gemm,
             moe_layer_freq=model.moe_layer_freq,
             moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size or None,
             moe_router_dtype="fp32",
@@ -85,7 +84,6 @@ def transformer_config(model: ModelConfig, *, tp: int, ep: int, on_cpu: bool) ->
         tensor_model_parallel_size=tp,
         expert_model_parallel_size=ep,
         sequence_parallel=tp > 1 and moe,
-        params_dtype=torch.float32,
         use_cpu_initialization=True,
         perform_initialization=True,
         gradient_accumulation_fusion=False,
@@ -94,6 +92,7 @@ def transformer_config(model: ModelConfig, *, tp: int, ep: int, on_cpu: bool) ->
         masked_softmax_fusion=not on_cpu,
         persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
+        **kernels.transformer_config_kwargs(),
         **extra,
     )
 
@@ -117,13 +116,15 @@ class EngramMoEModel(nn.Module):
         init_seed: int = 0,
     ):
         super().__init__()
-        self.config = transformer_config(model, tp=tp, ep=ep, on_cpu=on_cpu)
-        spec = get_gpt_decoder_block_spec(self.config, use_transformer_engine=False, normalization="RMSNorm")
-        if self.config.sequence_parallel:
-            spec = replace_torch_norm(spec)
+        # Megatron's bf16 path builds every weight in bf16 (params_dtype) and computes the loss in fp32. Its
+        # Float16Module wrapper is not used: it would only cast float inputs (ours are token ids; Engram rows
+        # are cast by the blocks) and outputs (the per-token loss is already fp32), and it would rename every
+        # parameter under ``module.``, which keys the canonical init and the checkpoints.
+        self.kernels = Kernels.resolve(model, on_gpu=not on_cpu)
+        self.config = transformer_config(model, self.kernels, tp=tp, ep=ep, on_cpu=on_cpu)
         self.gpt = GPTModel(
             config=self.config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=self.kernels.layer_spec(self.config),
             vocab_size=vocab_size,
             max_sequence_length=seq_len,
             position_embedding_type="rope",
@@ -151,7 +152,7 @@ class EngramMoEModel(nn.Module):
                     kernel_size=conv_kernel_size,
                     gate_signed_sqrt=gate_signed_sqrt,
                     projection_bias=projection_bias,
-                )
+                ).to(self.kernels.dtype)
         for param in self.engram_blocks.parameters():
             # Under SP each TP rank applies the block to its slice of the sequence: grads are partial.
             param.sequence_parallel = self.config.sequence_parallel
@@ -164,17 +165,9 @@ class EngramMoEModel(nn.Module):
         block = self.engram_blocks[str(layer)]
 
         def add_engram(module, args, kwargs):
-            if self._rows is None:
-                raise RuntimeError(f"Engram layer {layer}: forward() was called without engram_rows")
-            if callable(self._rows):  # a lookup still in flight: wait for it only now, at the first Engram layer
-                self._rows = self._rows()
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            # rows: [batch, seq, layers, heads, dim] -> this layer's memory as [seq, batch, heads*dim].
-            # Split once with unbind (its backward stacks the layers' grads; indexing per layer would
-            # zero-fill a rows-sized grad for every layer), contiguous so the projections run as plain GEMMs.
-            if not isinstance(self._rows, tuple):
-                self._rows = self._rows.unbind(dim=2)
-            memory = self._rows[index].flatten(-2).transpose(0, 1).contiguous()
+            # [seq, batch, heads*dim], contiguous so the projections run as plain GEMMs.
+            memory = self._layer_memory(layer, index).flatten(-2).transpose(0, 1).contiguous()
             if self.config.sequence_parallel:
                 # This rank holds a slice of the sequence, but the short conv looks back
                 # (kernel-1) x dilation positions: run the block on the gathered sequence and keep
@@ -190,6 +183,22 @@ class EngramMoEModel(nn.Module):
             return (hidden, *args[1:]), kwargs
 
         return add_engram
+
+    def _layer_memory(self, layer: int, index: int) -> torch.Tensor:
+        """This layer's rows [batch, seq, heads, dim] of the rows [batch, seq, layers, heads, dim]."""
+        if self._rows is None:
+            raise RuntimeError(f"Engram layer {layer}: forward() was called without engram_rows")
+        if callable(self._rows):  # a lookup still in flight: wait for it only now, at the first Engram layer
+            self._rows = self._rows()
+        if self.config.recompute_granularity == "full":
+            # The layer (this hook included) runs again in the backward, with grad enabled this time; its
+            # memory must then be a fresh view of the rows, not one cut in the forward, which ran without grad.
+            return self._rows.select(2, index)
+        # Split once with unbind (its backward stacks the layers' grads; indexing per layer would zero-fill a
+        # rows-sized grad for every layer).
+        if not isinstance(self._rows, tuple):
+            self._rows = self._rows.unbind(dim=2)
+        return self._rows[index]
 
     def forward(
         self,
@@ -209,11 +218,17 @@ class EngramMoEModel(nn.Module):
         try:
             return self.gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=None, labels=labels)
         finally:
-            self._rows = None
+            if self.config.recompute_granularity != "full":  # else the backward's recompute still reads them
+                self._rows = None
 
     def gate_means(self) -> dict[int, float]:
         """Mean Engram gate per layer from the last forward (a health signal: ~0 means memory unused)."""
         return {int(layer): block.last_gate_mean for layer, block in self.engram_blocks.items()}
+
+    def take_eval_gate_histograms(self) -> dict[int, list[int]]:
+        """Per Engram layer, the gate histogram of the evaluation forwards since the last call (this rank's tokens)."""
+        counts = {int(layer): block.take_eval_gate_counts() for layer, block in self.engram_blocks.items()}
+        return {layer: c for layer, c in counts.items() if c is not None}
 
     def num_parameters(self) -> dict[str, int]:
         """Parameter counts: total backbone, Engram blocks (projections/norms/conv; the table is separate)."""

@@ -22,6 +22,10 @@ class MoELoadTracker:
 
     def _make_hook(self, index: int):
         def count(module, args, output):
+            if not torch.is_grad_enabled():
+                # Training forwards only, once each: with full recompute a layer's first pass runs without grad
+                # and its recompute in the backward with it (Megatron's router adds its aux loss by the same rule).
+                return
             _, routing_map = output
             if self.counts.device != routing_map.device:  # kept beside the model: no GPU->host sync per forward
                 self.counts = self.counts.to(routing_map.device)

@@ -22,14 +22,3 @@ class SequenceParallelTorchNorm:
             param.sequence_parallel = config.sequence_parallel
         return norm
 
-
-def replace_torch_norm(spec):
-    """Return ``spec`` with every WrappedTorchNorm replaced by SequenceParallelTorchNorm (recursively)."""
-    if spec is WrappedTorchNorm:
-        return SequenceParallelTorchNorm
-    if isinstance(spec, list):
-        return [replace_torch_norm(s) for s in spec]
-    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
-        changes = {f.name: replace_torch_norm(getattr(spec, f.name)) for f in dataclasses.fields(spec)}
-        return dataclasses.replace(spec, **changes)
-    return spec

@@ -103,8 +103,9 @@ class LoaderState:
         ranks, workers = states[0]["dp_world"], states[0]["workers"]
         by_rank = {s["dp_rank"]: s for s in states}
         if sorted(by_rank) != list(range(ranks)) or len({s["batches"] for s in states}) != 1:
-            raise DataError(f"data: the checkpoint's per-rank loader states cover dp ranks {sorted(by_rank)} of {ranks} "
-                            "at unequal positions; resume it at data-parallel size " f"{ranks}, or start a new run_dir")
+            raise DataError(f"data: the checkpoint's per-rank loader states cover dp ranks {sorted(by_rank)} of {ranks} at "
+                            f"batches {sorted({s['batches'] for s in states})}, not one position; resume from another "
+                            "checkpoint (rename this one step_<n>.damaged) or start a new run_dir")
         state = cls.start(ranks, workers, states[0]["seed"], states[0]["data_id"])
         state.batches = by_rank[0]["batches"] * ranks
         for k in range(state.streams):

@@ -50,6 +50,9 @@ class CausalDepthwiseConv1d(nn.Module):
         return y
 
 
+#: Bins of the gate histogram logged at evaluation points (W&B ``engram_gate_hist/layer_<l>``).
+GATE_HISTOGRAM_BINS = 32
+
 class EngramBlock(nn.Module):
     """y = v~ + SiLU(conv(RMSNorm(v~))), v~ = alpha * W_V e, alpha = sigmoid(<RMSNorm(h), RMSNorm(W_K e)> / sqrt(H)).
 
@@ -75,21 +78,36 @@ class EngramBlock(nn.Module):
         self.gate_signed_sqrt = gate_signed_sqrt
         self.key_proj = nn.Linear(memory_dim, hidden_size, bias=projection_bias)
         self.value_proj = nn.Linear(memory_dim, hidden_size, bias=projection_bias)
-        self.query_norm = nn.RMSNorm(hidden_size)
-        self.key_norm = nn.RMSNorm(hidden_size)
+        # An explicit eps: nn.RMSNorm's default is the input dtype's machine epsilon, 0.0078 in bf16, which
+        # would move bf16 keys of small norm away from their fp32 values.
+        self.query_norm = nn.RMSNorm(hidden_size, eps=torch.finfo(torch.float32).eps)
+        self.key_norm = nn.RMSNorm(hidden_size, eps=torch.finfo(torch.float32).eps)
         self.conv_norm = nn.RMSNorm(hidden_size, eps=1e-5)
         self.conv = CausalDepthwiseConv1d(hidden_size, kernel_size, dilation=max_order)
         self._last_gate_mean: torch.Tensor | None = None
+        self._eval_gate_counts: torch.Tensor | None = None
 
     @property
     def last_gate_mean(self) -> float | None:
         """Mean gate of the last forward; read lazily so monitoring adds no device sync per step."""
         return None if self._last_gate_mean is None else float(self._last_gate_mean)
 
+    def take_eval_gate_counts(self) -> list[int] | None:
+        """Counts of the gate's values in ``GATE_HISTOGRAM_BINS`` equal bins over [0, 1], summed over every
+        token of the evaluation forwards since the last call (None if there was none), then reset. The mean
+        hides a gate that is open for some n-grams and shut for others; the histogram shows it."""
+        counts, self._eval_gate_counts = self._eval_gate_counts, None
+        return None if counts is None else [int(c) for c in counts.tolist()]
+
     def gate(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """alpha in (0, 1), shape [S, B, 1]."""
-        key = self.key_norm(self.key_proj(e))
-        logit = (self.query_norm(h) * key).sum(dim=-1, keepdim=True) / math.sqrt(self.hidden_size)
+        """alpha in (0, 1), shape [S, B, 1], always fp32.
+
+        In a bf16 block the projections and norms run in bf16, but the dot product over the hidden size, the
+        signed sqrt and the sigmoid run in fp32 (as Megatron keeps its router in fp32): a bf16 logit carries
+        only 8 bits, and the gate scales every memory value.
+        """
+        key = self.key_norm(self.key_proj(e.to(self.key_proj.weight.dtype)))
+        logit = (self.query_norm(h).float() * key.float()).sum(dim=-1, keepdim=True) / math.sqrt(self.hidden_size)
         if self.gate_signed_sqrt:
             logit = logit.sign() * logit.abs().clamp_min(1e-6).sqrt()
         return torch.sigmoid(logit)
@@ -105,7 +123,12 @@ class EngramBlock(nn.Module):
                 f"expected h [S, B, {self.hidden_size}] and e [S, B, {self.memory_dim}], "
                 f"got {tuple(h.shape)} and {tuple(e.shape)}"
             )
+        e = e.to(self.value_proj.weight.dtype)  # rows arrive in the table's dtype
         alpha = self.gate(h, e)
         self._last_gate_mean = alpha.detach().mean()
-        gated = alpha * self.value_proj(e)
+        if not self.training:
+            counts = torch.histc(alpha.detach(), bins=GATE_HISTOGRAM_BINS, min=0.0, max=1.0)
+            self._eval_gate_counts = counts if self._eval_gate_counts is None else self._eval_gate_counts + counts
+        value = self.value_proj(e)
+        gated = alpha.to(value.dtype) * value
         return gated + F.silu(self.conv(self.conv_norm(gated), halo=conv_halo))

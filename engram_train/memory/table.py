@@ -154,9 +154,14 @@ class ShardedEngramTable:
         self._stats_lock = threading.Lock()  # the prefetch thread adds to the counters too
         self.reset_stats()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Storage dtype of the rows, and the dtype lookups return them in (``engram.table_dtype``)."""
+        return self.rows.dtype
+
     # -- forward ---------------------------------------------------------------------------------
     def lookup(self, ids: torch.Tensor, unique: UniqueIds | None = None) -> torch.Tensor:
-        """Rows for integer ``ids[...]`` as a float32 ``[..., dim]`` leaf with ``requires_grad``.
+        """Rows for integer ``ids[...]`` as a ``[..., dim]`` leaf in the table's dtype with ``requires_grad``.
 
         ``unique``: ``UniqueIds.of(ids)`` when the data loader already computed it; skips the sort.
         """
@@ -172,7 +177,7 @@ class ShardedEngramTable:
         pending-gradient state). Callers on the main thread use ``lookup``."""
         plan = self._plan(ids, unique)
         send, recv, owned = self._route(plan)
-        rows = self.rows.index_select(0, owned).float()
+        rows = self.rows.index_select(0, owned)  # shipped in the table's dtype: bf16 rows are half the bytes
         got = self.exchange.send(rows, recv, send)
         out = got.index_select(0, plan.inverse).view(*plan.shape, self.dim)
         self.count(lookups=1)

@@ -1,6 +1,6 @@
-"""The GPU path: the backbone on CUDA (NCCL group), rows copied to and from the GPU, Megatron DDP, and
-Megatron's DistributedOptimizer (``optim.distributed``). Skipped without CUDA: CI has no GPU, so these run
-whenever a GPU machine is lent (``pytest tests/integration/test_gpu.py`` there)."""
+"""The GPU path: the backbone on CUDA (NCCL group), rows copied to and from the GPU, Megatron DDP, Megatron's
+DistributedOptimizer (``optim.distributed``), bf16 and the fused attention kernels. Skipped without CUDA: CI has
+no GPU, so these run whenever a GPU machine is lent (``pytest tests/integration/test_gpu.py`` there)."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ def _config(tiny_config, run_dir, *extra: str):
 def test_distributed_optimizer_follows_the_torch_adamw_curve_on_gpu(tiny_config, tmp_path):
     """Same model and data, Megatron DDP in both: only the optimizer differs, so the curves agree up to GPU
     reduction order. Rows come from the host table each micro-batch, so this also runs the CUDA copies."""
-    reference = train(_config(tiny_config, tmp_path / "torch", "parallel.grad_sync=megatron_ddp"))
-    distributed = train(_config(tiny_config, tmp_path / "dist", "optim.distributed=true"))
+    reference = train(_config(tiny_config, tmp_path / "torch", "parallel.grad_sync=megatron_ddp", "model.precision=fp32"))
+    distributed = train(_config(tiny_config, tmp_path / "dist", "optim.distributed=true", "model.precision=fp32"))
     assert reference["steps"] == distributed["steps"] == STEPS
     torch_losses, dist_losses = _losses(tmp_path / "torch"), _losses(tmp_path / "dist")
     assert len(torch_losses) == STEPS and np.isfinite(dist_losses).all()
@@ -39,9 +39,25 @@ def test_distributed_optimizer_follows_the_torch_adamw_curve_on_gpu(tiny_config,
 
 def test_distributed_optimizer_checkpoint_resumes_the_same_curve_on_gpu(tiny_config, tmp_path):
     whole = tmp_path / "whole"
-    train(_config(tiny_config, whole, "optim.distributed=true", "experiment.checkpoint_every=5"))
+    train(_config(tiny_config, whole, "optim.distributed=true", "model.precision=fp32", "experiment.checkpoint_every=5"))
     resumed = tmp_path / "resumed"
     shutil.copytree(whole / "checkpoints" / "step_00000005", resumed / "checkpoints" / "step_00000005")
-    summary = train(_config(tiny_config, resumed, "optim.distributed=true", "experiment.checkpoint_every=5"))
+    summary = train(_config(tiny_config, resumed, "optim.distributed=true", "model.precision=fp32",
+                            "experiment.checkpoint_every=5"))
     assert summary["steps"] == STEPS
     np.testing.assert_allclose(_losses(resumed), _losses(whole)[5:], rtol=1e-4)
+
+
+def test_bf16_follows_fp32_and_sdpa_equals_local_attention_on_gpu(tiny_config, tmp_path):
+    """model.precision=auto is bf16 on a GPU; its curve stays near fp32's (the CPU test's tolerance), and the
+    fused attention auto picks (TE where it imports, else SDPA) gives local attention's fp32 curve."""
+    runs = {name: (tmp_path / name, extra) for name, extra in {
+        "fp32-local": ("model.precision=fp32", "model.attention=local"),
+        "fp32-auto": ("model.precision=fp32",),
+        "bf16-auto": (),
+    }.items()}
+    for run_dir, extra in runs.values():
+        train(_config(tiny_config, run_dir, *extra))
+    losses = {name: np.array(_losses(run_dir)) for name, (run_dir, _) in runs.items()}
+    np.testing.assert_allclose(losses["fp32-auto"], losses["fp32-local"], rtol=2e-3)
+    np.testing.assert_allclose(losses["bf16-auto"], losses["fp32-local"], rtol=0, atol=0.05)

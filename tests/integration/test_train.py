@@ -87,3 +87,72 @@ def test_a_failure_mid_run_finishes_wandb_as_failed_and_leaves_no_thread_or_work
     left = [t for t in set(threading.enumerate()) - threads if t.is_alive() and not t.name.startswith(("wandb-", "Otel"))]
     assert not left, f"threads left behind: {left}"
     assert not _children_named("pt_data_worker"), "loader worker left behind"
+
+
+def test_kill_9_and_resume_leave_one_wandb_run_holding_every_step_once(tiny_dataset, tmp_path):
+    """A W&B segment killed with SIGKILL loses what wandb-core had buffered; the resumed segment backfills it from
+    metrics.jsonl and logs on from there, so W&B's history (read back from its own transaction logs) holds every
+    step exactly once, with the values metrics.jsonl holds. Shipped defaults: a loader worker, W&B offline."""
+    import signal
+    import time
+
+    from engram_train import wandb_history
+
+    from .conftest import TINY_OVERRIDES
+    from .launch_helpers import kill_group, wait_for
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "engram_train.train", *[o for o in TINY_OVERRIDES if not o.startswith("data.num_workers=")],
+           f"data.path={tiny_dataset}", f"experiment.run_dir={run_dir}", f"experiment.total_tokens={16 * 1024}",
+           "experiment.log_every=1", "experiment.eval_every=8", "experiment.checkpoint_every=4",
+           "experiment.wandb.mode=offline", "experiment.wandb.log_checkpoints=true"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "killed.log", "w") as out:
+        process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, process_group=0)
+    try:
+        steps_logged = lambda: [m["step"] for m in read_metrics(run_dir)] if (run_dir / "metrics.jsonl").exists() else []
+        wait_for(lambda: 7 in steps_logged() or process.poll() is not None, timeout_s=300, what="step 7 logged", poll_s=0.05)
+        assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        kill_group(process.pid)
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resumed from" in result.stdout + result.stderr
+
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    segments = wandb_history.segment_logs(run_dir / "wandb", run_id)
+    assert len(segments) == 2, "one W&B run id, one transaction log per segment"
+    rows, checkpoint_refs = {}, []
+    for log in segments:
+        for record in wandb_history.records(log):
+            if record.WhichOneof("record_type") == "artifact":
+                checkpoint_refs += [(record.artifact.type, e.ref) for e in record.artifact.manifest.contents]
+            if record.WhichOneof("record_type") == "history":
+                step = record.history.step.num
+                assert step not in rows, f"step {step} is in W&B's history twice"
+                rows[step] = {}
+                for item in record.history.item:  # a histogram's fields are nested: [key, "_type"], [key, "values"]
+                    *path, leaf = list(item.nested_key) or [item.key]
+                    target = rows[step]
+                    for key in path:
+                        target = target.setdefault(key, {})
+                    target[leaf] = json.loads(item.value_json)
+    expected = read_metrics(run_dir)
+    assert sorted(rows) == [m["step"] for m in expected] == list(range(17))
+    assert [rows[m["step"]].get("loss") for m in expected] == [m.get("loss") for m in expected]
+    assert rows[16]["val_loss"] == expected[-1]["val_loss"]
+    # experiment.wandb.log_checkpoints: every complete checkpoint as a reference-only artifact (the second segment's
+    # 8, 12 and 16; the killed one's step-4 record may be lost with its buffer, as its history was).
+    checkpoints = (run_dir / "checkpoints").resolve()
+    folders = {Path(ref.removeprefix("file://")).relative_to(checkpoints).parts[0]  # raises if it is elsewhere
+               for kind, ref in checkpoint_refs if kind == "checkpoint"}
+    assert folders >= {"step_00000008", "step_00000012", "step_00000016"}, checkpoint_refs
+    # At each evaluation (steps 8 and 16) the gate histogram of every Engram layer, as a W&B histogram.
+    for step in (8, 16):
+        record = next(m for m in expected if m["step"] == step)
+        hists = {k: v for k, v in record.items() if k.startswith("engram_gate_hist/")}
+        assert hists and all(len(c) == 32 and sum(c) > 0 for c in hists.values()), record.keys()
+        for key, counts in hists.items():
+            assert rows[step][key]["_type"] == "histogram" and rows[step][key]["values"] == counts

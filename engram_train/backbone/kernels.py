@@ -1,0 +1,154 @@
+"""Which precision, attention kernel and recompute the backbone runs with (``model.precision``,
+``model.attention``, ``model.recompute``), resolved once against the machine and turned into Megatron's own
+switches: ``TransformerConfig(bf16, params_dtype, recompute_*, moe_grouped_gemm)`` and the layer spec.
+
+- bf16 is Megatron's bf16 path: the layers build their weights in bf16 (``params_dtype``), the optimizer steps
+  fp32 main copies, gradients accumulate and are reduced in fp32 (``grad_reduce_in_fp32``), the router and the
+  loss compute in fp32 (Megatron's ``moe_router_dtype`` and cross-entropy), the Engram gate in fp32.
+- Attention: Transformer Engine layer specs where TE imports on a GPU (fused attention, grouped expert GEMMs),
+  else ``SdpaAttention`` (torch's scaled_dot_product_attention), or Megatron's unfused ``DotProductAttention``.
+- Grouped expert GEMMs come only with TE: without it, megatron-core 0.16.1's ``moe_grouped_gemm`` builds the
+  legacy ``GroupedMLP``, which needs the CUDA-only ``grouped_gemm`` package; experts then run one after another
+  (``SequentialMLP``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+from engram_train.backbone.norm import SequenceParallelTorchNorm
+from engram_train.config import ConfigError, ModelConfig
+
+
+def te_import_error() -> str | None:
+    """Why Transformer Engine does not import here (None: it does)."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - a broken TE install fails with anything, not only ImportError
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
+    return None
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The resolved choices: ``precision`` bf16|fp32, ``attention`` te|sdpa|local, ``recompute`` none|selective|full."""
+
+    precision: str
+    attention: str
+    recompute: str
+
+    @classmethod
+    def resolve(cls, model: ModelConfig, *, on_gpu: bool) -> "Kernels":
+        precision = model.precision if model.precision != "auto" else ("bf16" if on_gpu else "fp32")
+        attention = model.attention
+        if attention == "auto":
+            attention = "te" if on_gpu and te_import_error() is None else "sdpa"
+        elif attention == "te":
+            if not on_gpu:
+                raise ConfigError("model.attention=te needs a GPU (Transformer Engine's kernels are CUDA-only); "
+                                  "set model.attention=sdpa or auto on this machine")
+            error = te_import_error()
+            if error is not None:
+                raise ConfigError(f"model.attention=te needs Transformer Engine, which does not import here ({error}); "
+                                  "install transformer-engine[pytorch] or set model.attention=sdpa (or auto)")
+        return cls(precision, attention, model.recompute)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+    @property
+    def grouped_gemm(self) -> bool:
+        return self.attention == "te"
+
+    def transformer_config_kwargs(self) -> dict:
+        """The TransformerConfig fields these choices set."""
+        kwargs = dict(bf16=self.precision == "bf16", params_dtype=self.dtype)
+        if self.recompute == "selective":
+            kwargs.update(recompute_granularity="selective")  # Megatron's default module: core attention
+        elif self.recompute == "full":
+            kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        return kwargs
+
+    def layer_spec(self, config):
+        """The decoder block spec: TE's modules, or Megatron's local ones with our core attention for sdpa."""
+        if self.attention == "te":
+            return get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization="RMSNorm")
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+        if config.sequence_parallel:
+            spec = replace_in_spec(spec, WrappedTorchNorm, SequenceParallelTorchNorm)
+        if self.attention == "sdpa":
+            spec = replace_in_spec(spec, DotProductAttention, SdpaAttention)
+        return spec
+
+    def describe(self) -> str:
+        """One line for the run's console, e.g. ``precision bf16 (fp32 main params, fp32 grad reduce) | ...``."""
+        precision = "bf16 (fp32 main params, fp32 grad reduce)" if self.precision == "bf16" else "fp32"
+        experts = "grouped GEMM (Transformer Engine)" if self.grouped_gemm else "sequential"
+        return f"precision {precision} | attention {self.attention} | experts {experts} | recompute {self.recompute}"
+
+
+def replace_in_spec(spec, old: type, new: type):
+    """``spec`` (a Megatron ModuleSpec tree) with every reference to module class ``old`` replaced by ``new``."""
+    if spec is old:
+        return new
+    if isinstance(spec, list):
+        return [replace_in_spec(s, old, new) for s in spec]
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        changes = {f.name: replace_in_spec(getattr(spec, f.name), old, new) for f in dataclasses.fields(spec)}
+        return dataclasses.replace(spec, **changes)
+    return spec
+
+
+class SdpaAttention(DotProductAttention):
+    """Megatron's core attention with its scores -> softmax -> context replaced by one call to torch's
+    ``scaled_dot_product_attention``.
+
+    Our own module because megatron-core 0.16.1 has no fused attention without Transformer Engine: its local
+    ``DotProductAttention`` materialises the [b, heads, s, s] scores and probabilities (out of memory at long
+    sequences). SDPA runs flash or memory-efficient kernels on a GPU and a flash kernel on CPU, none of which
+    stores an [s, s] matrix. Megatron's ``__init__`` is kept (heads and query groups per TP partition, softmax
+    scale), so the module drops into Megatron's layer spec and its tensors stay ``[s, b, heads, dim]``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.softmax_offset is not None or self.config.window_size is not None:
+            raise ConfigError("model.attention=sdpa supports the vanilla full softmax only (no softmax offset or "
+                              "sliding window); set model.attention=local")
+        # Megatron divides the scale by the layer number for query-key layer scaling and its softmax multiplies
+        # it back: the product is what the scores are scaled by.
+        self.scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        """query [sq, b, heads, dim], key/value [sk, b, groups, dim] -> context [sq, b, heads * dim]."""
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("model.attention=sdpa takes no packed sequences or attention bias; "
+                                      "use model.attention=te or local")
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
+        causal = mask_type == AttnMaskType.causal and attention_mask is None
+        if causal and q.shape[2] != k.shape[2]:
+            raise NotImplementedError("model.attention=sdpa: causal attention needs as many keys as queries "
+                                      "(no KV-cache inference); use model.attention=local")
+        # Megatron's masks are True where attention is forbidden, SDPA's where it is allowed.
+        mask = None if attention_mask is None else ~attention_mask
+        dropout = self.attention_dropout.p if self.training else 0.0
+        # Dropout draws from the tensor-parallel RNG stream outside sequence parallelism, as Megatron's does.
+        fork = tensor_parallel.get_cuda_rng_tracker().fork() if dropout and not self.config.sequence_parallel \
+            else contextlib.nullcontext()
+        with fork:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                                     scale=self.scale, enable_gqa=q.shape[1] != k.shape[1])
+        return context.permute(2, 0, 1, 3).reshape(context.shape[2], context.shape[0], self.hidden_size_per_partition)
