@@ -97,6 +97,32 @@ def transformer_config(model: ModelConfig, kernels: Kernels, *, tp: int, ep: int
     )
 
 
+class ForwardRows:
+    """The table rows of one forward, [batch, seq, Engram layers, heads, dim], handed out per Engram layer.
+
+    ``source`` is the rows or a callable producing them (a prefetch still in flight, awaited only when the first
+    Engram layer asks). The rows are split once with ``unbind``: its backward stacks the layers' gradients, where
+    indexing per layer would zero-fill a rows-sized gradient for every layer. With ``per_call_views`` (full
+    recompute) every call cuts a fresh view instead: the layer runs again in the backward with grad enabled, and
+    must not reuse a view cut in the forward, which ran without grad.
+    """
+
+    def __init__(self, source: torch.Tensor | Callable[[], torch.Tensor], *, per_call_views: bool):
+        self.source, self.per_call_views = source, per_call_views
+        self.rows: torch.Tensor | None = None
+        self.split: tuple[torch.Tensor, ...] | None = None
+
+    def layer(self, index: int) -> torch.Tensor:
+        """Rows of the ``index``-th Engram layer, [batch, seq, heads, dim]."""
+        if self.rows is None:
+            self.rows = self.source() if callable(self.source) else self.source
+        if self.per_call_views:
+            return self.rows.select(2, index)
+        if self.split is None:
+            self.split = self.rows.unbind(dim=2)
+        return self.split[index]
+
+
 class EngramMoEModel(nn.Module):
     """GPTModel (MoE) plus Engram blocks; returns per-token loss [batch, seq] like GPTModel."""
 
@@ -134,7 +160,7 @@ class EngramMoEModel(nn.Module):
         self.moe_load = MoELoadTracker(self.gpt)
         self.layout = layout
         self.engram_blocks = nn.ModuleDict()
-        self._rows: torch.Tensor | tuple[torch.Tensor, ...] | Callable[[], torch.Tensor] | None = None
+        self._rows: ForwardRows | None = None  # this forward's rows, set by forward()
         canonical_init_(
             self.gpt, seed=init_seed, std=model.init_std, num_layers=model.num_layers,
             gated_linear_unit=self.config.gated_linear_unit,
@@ -167,7 +193,9 @@ class EngramMoEModel(nn.Module):
         def add_engram(module, args, kwargs):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             # [seq, batch, heads*dim], contiguous so the projections run as plain GEMMs.
-            memory = self._layer_memory(layer, index).flatten(-2).transpose(0, 1).contiguous()
+            if self._rows is None:
+                raise RuntimeError(f"Engram layer {layer}: forward() was called without engram_rows")
+            memory = self._rows.layer(index).flatten(-2).transpose(0, 1).contiguous()
             if self.config.sequence_parallel:
                 # This rank holds a slice of the sequence, but the short conv looks back
                 # (kernel-1) x dilation positions: run the block on the gathered sequence and keep
@@ -184,22 +212,6 @@ class EngramMoEModel(nn.Module):
 
         return add_engram
 
-    def _layer_memory(self, layer: int, index: int) -> torch.Tensor:
-        """This layer's rows [batch, seq, heads, dim] of the rows [batch, seq, layers, heads, dim]."""
-        if self._rows is None:
-            raise RuntimeError(f"Engram layer {layer}: forward() was called without engram_rows")
-        if callable(self._rows):  # a lookup still in flight: wait for it only now, at the first Engram layer
-            self._rows = self._rows()
-        if self.config.recompute_granularity == "full":
-            # The layer (this hook included) runs again in the backward, with grad enabled this time; its
-            # memory must then be a fresh view of the rows, not one cut in the forward, which ran without grad.
-            return self._rows.select(2, index)
-        # Split once with unbind (its backward stacks the layers' grads; indexing per layer would zero-fill a
-        # rows-sized grad for every layer).
-        if not isinstance(self._rows, tuple):
-            self._rows = self._rows.unbind(dim=2)
-        return self._rows[index]
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -214,7 +226,8 @@ class EngramMoEModel(nn.Module):
         if self.layout is not None and engram_rows is None:
             raise ValueError("this model has Engram layers: pass engram_rows (table.lookup(hash_ids))")
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
-        self._rows = engram_rows
+        self._rows = None if engram_rows is None else ForwardRows(
+            engram_rows, per_call_views=self.config.recompute_granularity == "full")
         try:
             return self.gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=None, labels=labels)
         finally:

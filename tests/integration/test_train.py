@@ -92,7 +92,9 @@ def test_a_failure_mid_run_finishes_wandb_as_failed_and_leaves_no_thread_or_work
 def test_kill_9_and_resume_leave_one_wandb_run_holding_every_step_once(tiny_dataset, tmp_path):
     """A W&B segment killed with SIGKILL loses what wandb-core had buffered; the resumed segment backfills it from
     metrics.jsonl and logs on from there, so W&B's history (read back from its own transaction logs) holds every
-    step exactly once, with the values metrics.jsonl holds. Shipped defaults: a loader worker, W&B offline."""
+    step exactly once, with the values metrics.jsonl holds. A third segment resumed from an older checkpoint replays
+    steps W&B already holds and must not log them again. Shipped defaults: a loader worker, W&B offline."""
+    import shutil
     import signal
     import time
 
@@ -120,10 +122,16 @@ def test_kill_9_and_resume_leave_one_wandb_run_holding_every_step_once(tiny_data
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "resumed from" in result.stdout + result.stderr
+    # The newest checkpoint removed (as after renaming a damaged one step_<n>.damaged): resume at step 12, replay
+    # 13-16 (bit for bit), which the finished second segment flushed to W&B.
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000016")
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "at step 12" in result.stdout + result.stderr
 
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     segments = wandb_history.segment_logs(run_dir / "wandb", run_id)
-    assert len(segments) == 2, "one W&B run id, one transaction log per segment"
+    assert len(segments) == 3, "one W&B run id, one transaction log per segment"
     rows, checkpoint_refs = {}, []
     for log in segments:
         for record in wandb_history.records(log):
