@@ -373,9 +373,18 @@ def plot(analysis: dict, results: list[dict], path: Path, memory: dict | None = 
         if nulls:
             ax.plot([r["rho_requested"] for r in nulls], [r["val_loss"] for r in nulls], "s", mfc="none", ms=8,
                     color="tab:red", label="null memory (block, 1 row/head)")
+        # The loss scale is the tuned curve's (and its controls'): other learning rates can sit far above it.
+        shown = [y - l for y, l in zip(ys, lo)] + [y + h for y, h in zip(ys, hi)] + [r["val_loss"] for r in nulls]
+        bottom, top = (min(shown), max(shown)) if shown else (0.0, float("inf"))
+        pad = (top - bottom or 0.05) if shown else 0.0
         for j, (other, curve) in enumerate(entry["other_lrs"].items()):
-            ax.plot([p["ratio"] for p in curve["points"]], [p["val_loss"] for p in curve["points"]], "x--", lw=0.8,
-                    color=plt.cm.Greys(0.45 + 0.4 * j / max(1, len(entry["other_lrs"]) - 1)), label=f"lr {other:g} (seed mean)")
+            values = [p["val_loss"] for p in curve["points"]]
+            off = "" if min(values) <= top + 0.4 * pad else f", off scale: {min(values):.3f}-{max(values):.3f}"
+            ax.plot([p["ratio"] for p in curve["points"]], values, "x--", lw=0.8,
+                    color=plt.cm.Greys(0.45 + 0.4 * j / max(1, len(entry["other_lrs"]) - 1)),
+                    label=f"lr {other:g} (seed mean{off})")
+        if shown:
+            ax.set_ylim(bottom - 0.15 * pad, top + 0.4 * pad)
         ax.set_title(f"{budget}: {', '.join(f'{t / 1e6:.2g}M' for t in entry['tokens'])} tokens, "
                      f"{entry['tokens_per_param'] or 0:.0f} tokens/param", fontsize=10)
         ax.set_xlabel("allocation ratio rho (routed experts' share of sparse params)")
