@@ -321,6 +321,12 @@ def markdown(analysis: dict, memory: dict | None = None) -> str:
                     f"Engram {s['engram']:.4f}: memory adds {s['gain_memory']:.4f} over the block alone")
             if s["memory_share"] is None:
                 lines.append(f"{head}; Engram is not better than that MoE ({-s['gain_total']:+.4f}), so no share")
+            elif s["memory_share"] < 0:
+                lines.append(f"{head}: the block alone beats Engram here, so all of Engram's {s['gain_total']:.4f} nats over "
+                             "that MoE come from the block, none from memory")
+            elif s["memory_share"] > 1:
+                lines.append(f"{head}; the block alone is {s['null_memory'] - s['moe']:.4f} worse than that MoE, so memory "
+                             f"makes up for it and gains the {s['gain_total']:.4f} nats Engram is ahead")
             else:
                 lines.append(f"{head}, of the {s['gain_total']:.4f} nats Engram gains ({s['memory_share']:.0%})")
         for t in entry["lr_sweep"]:
