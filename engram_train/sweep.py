@@ -333,6 +333,11 @@ def markdown(analysis: dict, memory: dict | None = None) -> str:
             arm = "pure MoE" if t["rho"] in (None, 1.0) else f"rho {t['rho']}"
             values = ", ".join(f"{lr:g}: {v:.4f}" for lr, v in t["val_loss_by_lr"].items())
             lines.append(f"- lr sweep, {arm}: {values} (best {t['best_lr']:g})")
+        if entry["lr_sweep"]:
+            best = ", ".join(f"{'MoE' if t['rho'] in (None, 1.0) else t['rho']}: {t['val_loss_by_lr'][t['best_lr']]:.4f} "
+                             f"({t['best_lr']:g})" for t in entry["lr_sweep"])
+            lines.append(f"- each arm at its own best learning rate (seed means; a rate run with fewer seeds is favoured "
+                         f"by the min): {best}")
         lines.append("")
     for budget, entry in (memory or {}).items():
         lines.append(f"## Infinite memory, budget {budget}")
