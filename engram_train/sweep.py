@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+#: Fewest distinct rho values a loss curve is fit on (and picked as a budget's headline curve with).
+MIN_FIT_POINTS = 4
 #: The main curve of a sweep, and the controls beside it (scaling.series).
 MAIN_SERIES = "engram"
 NULL_MEMORY_SERIES = "null_memory"
@@ -96,8 +98,9 @@ def fit_allocation_curve(points: list[tuple[float, list[float]]], *, bootstrap: 
     two seeds), so every point carries its noise into the interval. The argmin is searched on the measured range only: a
     minimum at either end means the optimum was not bracketed.
     """
-    if len(points) < 3:
-        raise ValueError(f"need at least 3 distinct allocation ratios to fit a curve, got {len(points)}")
+    if len(points) < MIN_FIT_POINTS:
+        raise ValueError(f"need at least {MIN_FIT_POINTS} distinct allocation ratios to fit a curve, got {len(points)} "
+                         "(a quadratic through 3 points leaves no scatter to estimate the noise from)")
     x = np.array([p[0] for p in points])
     means = np.array([np.mean(p[1]) for p in points])
     spreads = [np.var(p[1], ddof=1) for p in points if len(p[1]) > 1]
@@ -181,10 +184,10 @@ def curves_by_lr(runs: list[dict]) -> dict[float, list[dict]]:
 
 
 def headline_lr(curves: dict[float, list[dict]], runs: list[dict]) -> float | None:
-    """The tuned learning rate whose curve the fit is reported on: among curves with at least 3 rho values, the one
+    """The tuned learning rate whose curve the fit is reported on: among curves with at least MIN_FIT_POINTS rho values, the one
     with the lowest mean loss over the rho values all of them measured (a curve at an untuned rate would put the
     question's answer at the mercy of the optimiser). Without such a curve, the main series' learning rate."""
-    full = {lr: dict(_mean_by_ratio(curve)) for lr, curve in curves.items() if len(_mean_by_ratio(curve)) >= 3}
+    full = {lr: dict(_mean_by_ratio(curve)) for lr, curve in curves.items() if len(_mean_by_ratio(curve)) >= MIN_FIT_POINTS}
     if not full:
         main = [r["lr"] for r in runs if r["series"] == MAIN_SERIES]
         return max(set(main), key=main.count) if main else None
@@ -211,13 +214,13 @@ def analyze_allocation(results: list[dict], *, bootstrap: int = 2000) -> dict:
             "points": _points(points),
             "other_lrs": {},
         }
-        if len(points) >= 3:
+        if len(points) >= MIN_FIT_POINTS:
             entry["fit"] = fit_allocation_curve(points, bootstrap=bootstrap)
         for other, curve in curves.items():
             other_points = _mean_by_ratio(curve)
             if other != lr and len(other_points) >= 2:
                 entry["other_lrs"][other] = {"points": _points(other_points)}
-                if len(other_points) >= 3:
+                if len(other_points) >= MIN_FIT_POINTS:
                     entry["other_lrs"][other]["fit"] = fit_allocation_curve(other_points, bootstrap=bootstrap)
         entry["null_memory"] = _memory_share(runs, curves)
         entry["lr_sweep"] = _lr_table(runs)
@@ -297,8 +300,8 @@ def markdown(analysis: dict, memory: dict | None = None) -> str:
     for budget, entry in analysis.items():
         lines += [f"## Budget {budget}: {', '.join(f'{t:,}' for t in entry['tokens'])} tokens, "
                   f"{entry['flops']:.3g} FLOPs, {entry['tokens_per_param'] or 0:.1f} tokens per parameter, lr {entry['lr']:g}"
-                  + (" (the lowest of the curves at " + ", ".join(f"{lr:g}" for lr in sorted([entry["lr"], *entry["other_lrs"]]))
-                     + "; fit and plot on it)" if entry["other_lrs"] else ""), "",
+                  + (f" (of the learning rates {', '.join(f'{lr:g}' for lr in sorted([entry['lr'], *entry['other_lrs']]))}, the one"
+                     f" whose curve over >= {MIN_FIT_POINTS} rho values is lowest; fit and plot on it)" if entry["other_lrs"] else ""), "",
                   "| series | rho req. | rho real. | experts | Engram rows | P_tot | P_act | lr | seed | val loss | ± stderr | tok/s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in entry["rows"]:
@@ -386,6 +389,8 @@ def plot(analysis: dict, results: list[dict], path: Path, memory: dict | None = 
                     color="tab:red", label="null memory (block, 1 row/head)")
         # The loss scale is the tuned curve's (and its controls'): other learning rates can sit far above it.
         shown = [y - l for y, l in zip(ys, lo)] + [y + h for y, h in zip(ys, hi)] + [r["val_loss"] for r in nulls]
+        # Lower curves (a better learning rate measured at fewer rho values) stay in view; higher ones may not.
+        shown += [p["val_loss"] for c in entry["other_lrs"].values() for p in c["points"] if shown and p["val_loss"] < min(shown)]
         bottom, top = (min(shown), max(shown)) if shown else (0.0, float("inf"))
         pad = (top - bottom or 0.05) if shown else 0.0
         for j, (other, curve) in enumerate(entry["other_lrs"].items()):

@@ -81,7 +81,7 @@ def test_the_fit_is_on_the_curve_at_the_tuned_learning_rate_and_controls_pair_by
     assert share["moe"] == pytest.approx(moe) and share["engram"] == pytest.approx(engram)
     assert share["memory_share"] == pytest.approx(0.25)
     text = (tmp_path / "out" / "summary.md").read_text()
-    assert "lr 0.006 (the lowest of the curves at 0.003, 0.006, 0.012" in text and "curve at lr 0.003" in text
+    assert "lr 0.006 (of the learning rates 0.003, 0.006, 0.012, the one whose curve" in text and "curve at lr 0.003" in text
 
 
 def test_a_minimum_at_the_end_of_the_range_is_reported_as_such(tmp_path):
