@@ -56,8 +56,10 @@ def main() -> None:
     if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
         print(help_text())
         return
+    from engram_train.metrics import use_own_wandb_service
     from engram_train.train import main as train_main  # torch, Megatron: only when training
 
+    use_own_wandb_service()
     train_main()
 
 

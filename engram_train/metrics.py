@@ -44,12 +44,12 @@ class MetricsLogger:
             run_id_file = run_dir / "wandb_run_id"
             run_id = run_id_file.read_text().strip() if run_id_file.exists() else secrets.token_hex(4)
             run_id_file.write_text(run_id)
-            self.wandb_run = _init_when_free(lambda: wandb_sdk.init(
+            self.wandb_run = wandb_sdk.init(
                 project=wandb.project, entity=wandb.entity, name=name, group=wandb.group or None, job_type=wandb.job_type,
                 tags=tags or None, id=run_id, resume="allow", mode=wandb.mode, dir=str(run_dir), config=config,
                 settings=wandb_sdk.Settings(console="wrap" if wandb.console else "off",
                                             x_disable_stats=not wandb.system_metrics),
-            ), run_id, say=self.console.print)
+            )
             self.wandb_dir = str(Path(self.wandb_run.dir).parent)
             # Curves against tokens as well as steps: runs of different batch sizes compare on one axis.
             self.wandb_run.define_metric("tokens")
@@ -125,23 +125,12 @@ class MetricsLogger:
             self.wandb_run.finish(exit_code=exit_code)
 
 
-#: How long a resume waits for a killed segment's wandb-core to let go of the run id.
-WANDB_RELEASE_TIMEOUT_S = 120.0
-
-
-def _init_when_free(init, run_id: str, *, say):
-    """``init()``, retried while W&B answers "run ID ... is in use": after a kill -9 the dead segment's wandb-core
-    (its own session, so the kill misses it) holds the run until it notices its parent is gone (about 2 s
-    measured, longer on a loaded machine), and a scheduler restarts the job at once."""
-    deadline = time.monotonic() + WANDB_RELEASE_TIMEOUT_S
-    while True:
-        try:
-            return init()
-        except Exception as error:  # noqa: BLE001 - wandb raises its ServerResponseError (not exported) for this
-            if "is in use" not in str(error) or time.monotonic() > deadline:
-                raise
-            say(f"W&B run {run_id} is still held by the previous segment's wandb-core; waiting for it to exit")
-            time.sleep(2.0)
+def use_own_wandb_service() -> None:
+    """Make this training process start its own wandb-core. A process launched by one that used wandb inherits
+    ``WANDB_SERVICE`` and attaches to that parent's core, which outlives a kill -9 of the trainer and keeps its run
+    id "in use", so the resumed segment could not open the run (measured: a pytest process that had used wandb
+    made its child trainers' resumes fail that way). Called once at process start by the CLI entry points."""
+    os.environ.pop("WANDB_SERVICE", None)
 
 
 def _step_of(line: str) -> int | None:

@@ -35,7 +35,7 @@ from engram_train.data import build_train_loader, build_val_loader, open_dataset
 from engram_train.engram import NgramHasher
 from engram_train.memory import ShardedEngramTable, TablePrefetcher
 from engram_train.memory.prefetch import core_is_free_for_prefetch
-from engram_train.metrics import MetricsLogger
+from engram_train.metrics import MetricsLogger, use_own_wandb_service
 from engram_train.optim import (
     LRSchedule,
     clip_coefficient,
@@ -455,4 +455,5 @@ def main(dict_cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    use_own_wandb_service()
     main()
