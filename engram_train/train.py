@@ -35,7 +35,7 @@ from engram_train.data import build_train_loader, build_val_loader, open_dataset
 from engram_train.engram import NgramHasher
 from engram_train.memory import ShardedEngramTable, TablePrefetcher
 from engram_train.memory.prefetch import core_is_free_for_prefetch
-from engram_train.metrics import MetricsLogger, use_own_wandb_service
+from engram_train.metrics import HISTOGRAM_PREFIX, MetricsLogger, use_own_wandb_service
 from engram_train.optim import (
     LRSchedule,
     clip_coefficient,
@@ -290,7 +290,7 @@ def train_loop(run: TrainingRun, state: TrainState, logger: MetricsLogger, lates
             if evaluate_now:
                 val = run.evaluate()
                 metrics.update(val_loss=val.mean, val_loss_stderr=val.stderr, val_unigram_entropy=entropy,
-                               **{f"engram_gate_hist/layer_{k}": v for k, v in val.gate_histograms.items()})
+                               **{f"{HISTOGRAM_PREFIX}layer_{k}": v for k, v in val.gate_histograms.items()})
             logger.log(state.step, metrics, eta_s=eta_seconds(state, start, plan.total_steps))
             window = MetricsWindow()
         preempted = run.watch.should_stop()
