@@ -37,6 +37,8 @@ keeps the data order exact.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import gc
 import hashlib
 import logging
 import math
@@ -236,8 +238,14 @@ class TrainLoader:
                             worker_init_fn=partial(_init_worker, os.getpid()))
         on_main_thread = threading.current_thread() is threading.main_thread()
         before = signal.getsignal(signal.SIGCHLD) if on_main_thread else None
-        with stop_signals_blocked():  # a signal to the process group must not reach a worker before its init
+        # gc.freeze: the workers are forked from a process with threads (gloo, W&B, the prefetcher), and a garbage
+        # collection in a worker would run the destructors of this process's unreachable objects there: a dropped
+        # gloo group joins threads that do not exist in the child, which crashed (SIGSEGV) or hung the worker
+        # (seen in the test suite). Frozen objects are never collected in the child; here they are again after.
+        with stop_signals_blocked(), _frozen_gc():  # a signal to the process group must not reach a worker before its init
             iterator = iter(loader)
+        _live_workers.difference_update([w for w in _live_workers if not w.is_alive()])
+        _live_workers.update(getattr(iterator, "_workers", ()))
         if on_main_thread:
             _watch_worker_deaths(self, before)
         return iterator
@@ -354,11 +362,24 @@ class TrainLoader:
             "data/bad_shard_skips": len(skips),
         }
 
+    def worker_pids(self) -> list[int]:
+        """The current worker processes (none before the first batch, or with ``num_workers=0``)."""
+        return [w.pid for w in getattr(self._it, "_workers", ())]
+
     def close(self) -> None:
         """Stop the worker processes (a new iterator starts on the next ``next``)."""
         workers = list(getattr(self._it, "_workers", ()))
         self._it, self._worker_death = None, None  # torch's shutdown: the workers see it and exit
         _kill(workers)  # any that did not (they ignore the SIGTERM torch would follow up with)
+
+
+@contextlib.contextmanager
+def _frozen_gc():
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _init_worker(trainer_pid: int, worker_id: int) -> None:
@@ -395,20 +416,26 @@ def _watch_worker_deaths(loader: TrainLoader, before) -> None:
     signal.signal(signal.SIGCHLD, _on_sigchld)
 
 
+#: Every worker process started here and not yet killed, whatever became of its loader.
+_live_workers: set = set()
+
+
 def _kill(workers) -> None:
     for worker in workers:
         if worker.is_alive():
             worker.kill()
             worker.join(timeout=5)
+        _live_workers.discard(worker)
 
 
 @atexit.register
 def _kill_workers_at_exit() -> None:
-    """Runs before multiprocessing's exit hook (registered earlier), which would SIGTERM the workers and join
-    them: they ignore SIGTERM, so a trainer leaving with an exception (its frames keep the loader alive) would
-    wait forever."""
-    for loader in list(_watched_loaders):
-        _kill(list(getattr(loader._it, "_workers", ())))
+    """Runs before multiprocessing's exit hook (imported by torch, so registered earlier), which SIGTERMs the
+    workers and then joins them without a timeout: they ignore SIGTERM, so one still alive would hold the exit
+    forever. That happens whenever torch's own shutdown did not reach a worker (a loader left with an exception,
+    a worker stuck after its sibling died), so every worker ever started is killed here, not only those of
+    loaders still referenced."""
+    _kill(list(_live_workers))
 
 
 def _describe_exit(process) -> str:

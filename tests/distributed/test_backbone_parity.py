@@ -132,11 +132,14 @@ def _reference(aux_loss_coeff: float, precision: str = "fp32") -> torch.Tensor:
     return _REFERENCES[key]
 
 
-#: Tolerances against the one-process run. fp32: only summation order differs. bf16: every TP/EP split rounds
+#: Tolerances against the one-process run. fp32: only summation order differs; the grad norm of the last of the 5
+#: steps still moves by 1.01e-4 relative at TP2 x EP2 with Megatron DDP on an AMD EPYC (measured; the first step's
+#: by < 3e-6, the losses by < 5e-7): Adam's normalised updates amplify the order's last bits. A wrong reduction
+#: (a missing or doubled gradient share) changes the norm by a whole rank's share of it. bf16: every TP/EP split rounds
 #: its partial sums to bf16 at other places, ~2^-8 relative per GEMM output.
 #: kernels: another attention kernel or a recompute sums in another order too; with Adam's normalised updates the
 #: grad norm of one of the 5 steps then moves by up to 1.9e-4 relative (measured), the losses by < 2e-6.
-TOLERANCE = {"fp32": dict(loss_atol=1e-5, norm_rtol=1e-4), "bf16": dict(loss_atol=2e-2, norm_rtol=5e-2),
+TOLERANCE = {"fp32": dict(loss_atol=1e-5, norm_rtol=5e-4), "bf16": dict(loss_atol=2e-2, norm_rtol=5e-2),
              "kernels": dict(loss_atol=1e-5, norm_rtol=1e-3)}
 
 

@@ -275,3 +275,60 @@ def test_shards_from_urls_with_braces_and_pipe(tmp_path):
         assert torch.equal(next(via_pipe)["tokens"], next(local)["tokens"])
     with pytest.raises(DataError, match="expands to 2 urls"):
         loader(root, train_urls=f"{root}/train-{{000000..000001}}.tar")
+
+
+
+def test_workers_survive_the_parents_garbage_and_never_hold_the_exit(tmp_path):
+    """Two ways the worker processes broke the suite (CI: a worker SIGSEGV, then pytest hung after its summary until
+    the job's time ran out), each in a fresh process, with the shipped num_workers=2:
+
+    1. The workers are forked from a process that holds garbage with threads behind it (here a dropped gloo group
+       in a reference cycle; in the suite one left by an earlier in-process run). A garbage collection in a worker
+       (forced here by the hasher, which runs there) must not run its destructor, which joins threads that do not
+       exist in the child: without ``gc.freeze`` around the fork the worker crashes or hangs.
+    2. A worker torch's own shutdown cannot stop (SIGSTOPped: stuck on I/O, or beside a crashed sibling) of a loader
+       dropped without ``close()``: multiprocessing's exit hook SIGTERMs it (our workers ignore SIGTERM) and joins
+       it without a timeout, so the process must have killed it itself to exit.
+    """
+    import subprocess
+    import sys
+
+    root = make_dataset(tmp_path / "ds", [[4, 3], [5], [2, 2, 2], [3, 4]])
+    script = f"""
+import gc, os, signal
+import numpy as np
+import torch.distributed as dist
+from engram_train.config import DataConfig
+from engram_train.data import build_train_loader
+
+class CollectingHasher:
+    def hash_numpy(self, tokens, doc_boundary_token=None):
+        gc.collect()
+        return np.zeros(tokens.shape + (1, 1), dtype=np.int64)
+
+class Holder:
+    pass
+
+gc.disable()  # the garbage stays uncollected here until the workers are forked
+garbage = Holder()
+garbage.cycle, garbage.group = garbage, dist.ProcessGroupGloo(dist.FileStore({str(tmp_path / "store")!r}, 1), 0, 1)
+del garbage
+loader = build_train_loader(DataConfig(path={str(root)!r}, seq_len={SEQ_LEN}, num_workers=2, shuffle_buffer=2),
+                            micro_batch_size=3, hasher=CollectingHasher(), dp_rank=0, dp_world=1, seed=0)
+for _ in range(4):
+    next(loader)
+print("read past the workers' garbage collections", flush=True)
+for pid in loader.worker_pids():
+    os.kill(pid, signal.SIGSTOP)
+del loader
+gc.enable()
+gc.collect()
+print("dropped the loader", flush=True)
+"""
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90,
+                              cwd=Path(__file__).parents[2])
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"the process hung; it printed: {hung.stdout!r}")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert done.stdout.splitlines() == ["read past the workers' garbage collections", "dropped the loader"]
