@@ -279,19 +279,21 @@ def _lr_table(runs: list[dict]) -> list[dict]:
 
 
 def analyze_infinite_memory(results: list[dict]) -> dict:
+    """One power law per budget and learning rate (a rate changes the whole curve, so runs at different rates are
+    never fitted together); seeds at the same row count are averaged."""
     runs = [r for r in results if r["series"] == INFINITE_MEMORY_SERIES]
-    by_budget = defaultdict(list)
+    groups: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
-        by_budget[r.get("budget") or r["sweep"]].append(r)
+        groups[(r.get("budget") or r["sweep"], r["lr"])][r["params"]["engram_rows"]].append(r["final_val_loss"])
     out = {}
-    for budget, rs in by_budget.items():
-        rs.sort(key=lambda r: r["params"]["engram_rows"])
-        rows = np.array([r["params"]["engram_rows"] for r in rs], dtype=float)
-        losses = np.array([r["final_val_loss"] for r in rs])
-        entry = {"rows": rows.tolist(), "val_loss": losses.tolist()}
-        if len(rs) >= 2:
+    for (budget, lr), by_rows in groups.items():
+        rows = np.array(sorted(by_rows), dtype=float)
+        losses = np.array([np.mean(by_rows[int(n)]) for n in rows])
+        entry = {"budget": budget, "lr": lr, "rows": rows.tolist(), "val_loss": losses.tolist(),
+                 "seeds": [len(by_rows[int(n)]) for n in rows]}
+        if len(rows) >= 2:
             entry["fit"] = fit_power_law(rows, losses)
-        out[budget] = entry
+        out[f"{budget}, lr {lr:g}"] = entry
     return out
 
 
@@ -343,7 +345,7 @@ def markdown(analysis: dict, memory: dict | None = None) -> str:
                          f"by the min): {best}")
         lines.append("")
     for budget, entry in (memory or {}).items():
-        lines.append(f"## Infinite memory, budget {budget}")
+        lines.append(f"## Infinite memory, budget {budget}" + (f" (seeds per point: {entry['seeds']})" if max(entry["seeds"]) > 1 else ""))
         lines += [f"- {int(r):,} rows: val loss {v:.4f}" for r, v in zip(entry["rows"], entry["val_loss"])]
         if "fit" in entry:
             f = entry["fit"]

@@ -46,5 +46,25 @@ train experiment=sweep_tiny scaling.allocation_ratio=0.6 engram.null_memory=true
 train experiment=sweep_tiny_3x scaling.allocation_ratio=0.6 engram.null_memory=true scaling.series=null_memory optim.lr=6e-3
 tuned experiment=sweep_tiny scaling.allocation_ratio=$RHOS optim.lr=1.2e-2
 tuned experiment=sweep_tiny_3x scaling.allocation_ratio=0,0.6,1.0 optim.lr=1.2e-2
+# Bracketing the Engram arms' learning rate (best at 1.2e-2, the top of the grid so far): 2.4e-2 for every rho at
+# tiny and for rho 0/0.6/1.0 at 3x; the 1.2e-2 curve with more seeds and over the whole range at 3x; the null-memory
+# control and the infinite-memory series at 1.2e-2. Two streams, one core each (OMP_NUM_THREADS=1) on 2 cores.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+(
+  tuned experiment=sweep_tiny scaling.allocation_ratio=$RHOS optim.lr=2.4e-2
+  train experiment=sweep_tiny scaling.allocation_ratio=0.6 engram.null_memory=true scaling.series=null_memory optim.lr=1.2e-2 \
+    experiment.seed=1234,1235
+  train experiment=sweep_tiny scaling.allocation_ratio=null model.num_experts=10 model.moe_shared_expert_intermediate_size=11 \
+    engram.rows_per_head=32,128,512,2048,8192 scaling.series=infinite_memory optim.lr=1.2e-2
+  tuned experiment=sweep_tiny scaling.allocation_ratio=$RHOS optim.lr=1.2e-2 experiment.seed=1235,1236
+) &
+tiny=$!
+(
+  tuned experiment=sweep_tiny_3x scaling.allocation_ratio=0.2,0.4,0.8,0.9 optim.lr=1.2e-2
+  tuned experiment=sweep_tiny_3x scaling.allocation_ratio=0,0.6,1.0 optim.lr=2.4e-2
+  train experiment=sweep_tiny_3x scaling.allocation_ratio=0.6 engram.null_memory=true scaling.series=null_memory optim.lr=1.2e-2
+  tuned experiment=sweep_tiny_3x scaling.allocation_ratio=$RHOS optim.lr=1.2e-2 experiment.seed=1235
+) &
+wait $tiny && wait $!  # a failed stream fails the script
 $PY -m engram_train.sweep analyze outputs/sweeps/sweep_tiny outputs/sweeps/sweep_tiny_3x --infinite-memory \
   --out docs/results/allocation_ratio

@@ -100,10 +100,16 @@ def test_two_budgets_are_kept_apart_and_the_infinite_memory_power_law_is_recover
             _result(tmp_path, budget=budget, tokens=tokens, rho=rho, loss=2.0 + (rho - centre) ** 2)
     for rows in (100, 1000, 10_000, 100_000):
         _result(tmp_path, budget="small", series="infinite_memory", rho=0.6, rows=rows, loss=5.0 * rows ** -0.03)
+        # another learning rate: its own curve, never fitted together with the first; two seeds, averaged
+        for seed, noise in ((1, 0.01), (2, -0.01)):
+            _result(tmp_path, budget="small", series="infinite_memory", rho=0.6, rows=rows, lr=6e-3, seed=seed,
+                    loss=4.0 * rows ** -0.05 + noise)
     result = analyze([tmp_path], tmp_path / "out", infinite_memory=True, wandb_mode="disabled", bootstrap=100)
     assert list(result["allocation"]) == ["small", "large"], "budgets ordered by compute"
     assert result["allocation"]["small"]["fit"]["argmin"] == pytest.approx(0.7, abs=0.01)
     assert result["allocation"]["large"]["fit"]["argmin"] == pytest.approx(0.8, abs=0.01)
-    law = result["infinite_memory"]["small"]["fit"]
+    law = result["infinite_memory"]["small, lr 0.003"]["fit"]
     assert law["alpha"] == pytest.approx(0.03, rel=1e-6) and law["r2"] == pytest.approx(1.0)
     assert law["rows_decades"] == pytest.approx(3.0)
+    assert result["infinite_memory"]["small, lr 0.006"]["fit"]["alpha"] == pytest.approx(0.05, rel=1e-6)
+    assert result["infinite_memory"]["small, lr 0.006"]["seeds"] == [2, 2, 2, 2]
