@@ -257,7 +257,7 @@ def train(cfg: Config, allocation: AllocationPlan | None = None) -> dict:
 
 def train_loop(run: TrainingRun, state: TrainState, logger: MetricsLogger, latest: Path | None) -> dict:
     """Step until the token budget is spent or a stop signal arrives; the run's summary."""
-    cfg, x, plan = run.cfg, run.cfg.experiment, run.plan
+    x, plan = run.cfg.experiment, run.plan
     entropy = unigram_entropy(run.val_loader(with_hashes=False), plan.eval_batches, vocab_size=run.dataset.vocab_size)
     checkpoint, preempted, val = latest, False, ValLoss(float("nan"), float("nan"))
     window, start = MetricsWindow(), TrainState(**asdict(state))
@@ -269,17 +269,7 @@ def train_loop(run: TrainingRun, state: TrainState, logger: MetricsLogger, lates
         lr, step_start = run.schedule(state.step), time.perf_counter()
         result = train_step(run.model, run.table, run.prefetcher, run.loader, plan, run.dims)
         grad_norm = global_grad_norm(run.optimizer.grad_norm_sq(), result.table_grad_norm_sq, table_group=run.groups.table)
-        if math.isfinite(result.loss) and math.isfinite(grad_norm):
-            apply_update(run.optimizer, run.table, lr=lr, table_lr=lr * cfg.engram.lr_multiplier,
-                         clip_scale=clip_coefficient(grad_norm, cfg.optim.grad_clip), dims=run.dims)
-            state.consecutive_skips = 0
-        else:
-            state.consecutive_skips += 1
-            stop_non_finite(cfg.optim, state, loss=result.loss, grad_norm=grad_norm, resume_from=run.checkpointer.latest())
-            discard_gradients(run.optimizer, run.table)
-            state.skipped_steps += 1
-            logger.print(f"[yellow]step {state.step + 1}: non-finite loss={result.loss} grad_norm={grad_norm}; step "
-                         f"skipped ({state.consecutive_skips} in a row, at most {cfg.optim.max_consecutive_skips})[/yellow]")
+        update_or_skip(run, state, logger, loss=result.loss, grad_norm=grad_norm, lr=lr)
         seconds = time.perf_counter() - step_start
         state.advance(plan.tokens_per_step, seconds)
         window.add(result, plan.tokens_per_step, seconds)
@@ -354,6 +344,24 @@ def finish(run: TrainingRun, state: TrainState, logger: MetricsLogger, summary: 
         write_run_result(Path(run.cfg.experiment.run_dir), run.cfg, summary, record, state=asdict(state),
                          flops_per_token=run.flops_per_token,
                          eval_tokens=run.plan.eval_batches * run.plan.micro_batch_size * run.plan.seq_len * run.dims.dp)
+
+
+def update_or_skip(run: TrainingRun, state: TrainState, logger: MetricsLogger, *, loss: float, grad_norm: float,
+                   lr: float) -> None:
+    """Apply the step's update, or with a non-finite loss or gradient discard it (optim.on_nonfinite decides
+    whether the run goes on)."""
+    cfg = run.cfg
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        apply_update(run.optimizer, run.table, lr=lr, table_lr=lr * cfg.engram.lr_multiplier,
+                     clip_scale=clip_coefficient(grad_norm, cfg.optim.grad_clip), dims=run.dims)
+        state.consecutive_skips = 0
+        return
+    state.consecutive_skips += 1
+    stop_non_finite(cfg.optim, state, loss=loss, grad_norm=grad_norm, resume_from=run.checkpointer.latest())
+    discard_gradients(run.optimizer, run.table)
+    state.skipped_steps += 1
+    logger.print(f"[yellow]step {state.step + 1}: non-finite loss={loss} grad_norm={grad_norm}; step "
+                 f"skipped ({state.consecutive_skips} in a row, at most {cfg.optim.max_consecutive_skips})[/yellow]")
 
 
 def stop_non_finite(optim, state: TrainState, *, loss: float, grad_norm: float, resume_from: Path | None) -> None:
