@@ -66,5 +66,14 @@ tiny=$!
   tuned experiment=sweep_tiny_3x scaling.allocation_ratio=$RHOS optim.lr=1.2e-2 experiment.seed=1235
 ) &
 wait $tiny && wait $!  # a failed stream fails the script
-$PY -m engram_train.sweep analyze outputs/sweeps/sweep_tiny outputs/sweeps/sweep_tiny_3x --infinite-memory \
+# Budget tiny_r10: the paper's sparsity (P_tot/P_act 9.9 instead of 3.0), both arms at 6e-3 and 1.2e-2, and the
+# null-memory control at an Engram allocation; one learning rate per stream.
+(
+  tuned experiment=sweep_tiny_r10 scaling.allocation_ratio=$RHOS optim.lr=1.2e-2
+  train experiment=sweep_tiny_r10 scaling.allocation_ratio=0.6 engram.null_memory=true scaling.series=null_memory optim.lr=1.2e-2
+) &
+r10=$!
+tuned experiment=sweep_tiny_r10 scaling.allocation_ratio=$RHOS optim.lr=6e-3
+wait $r10
+$PY -m engram_train.sweep analyze outputs/sweeps/sweep_tiny outputs/sweeps/sweep_tiny_3x outputs/sweeps/sweep_tiny_r10 --infinite-memory \
   --out docs/results/allocation_ratio

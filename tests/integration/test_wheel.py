@@ -45,7 +45,7 @@ def test_a_built_wheel_trains_outside_the_repository_and_answers_help_fast(tiny_
                            text=True, timeout=120)
     help_seconds = time.monotonic() - started
     assert shown.returncode == 0, shown.stderr
-    assert "experiment: sweep_tiny, sweep_tiny_3x, tiny" in shown.stdout, "presets listed from the wheel's conf/"
+    assert "experiment: sweep_tiny, sweep_tiny_3x, sweep_tiny_r10, tiny" in shown.stdout, "presets listed from the wheel's conf/"
     assert "optim.max_consecutive_skips=3  -- With on_nonfinite=skip: stop" in shown.stdout, "field docs listed"
     assert "torch" not in subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "engram_train", "--help"], cwd=tmp_path, env=env, capture_output=True,
