@@ -100,6 +100,18 @@ def changes_since(cfg: Config, checkpoint: Path) -> dict[str, tuple[Any, Any]]:
     return changed
 
 
+def check_same_precision(precision: str, checkpoint: Path, meta: dict[str, Any]) -> None:
+    """Refuse to resume a bf16 run in fp32 or the reverse (``model.precision=auto`` picks by device, so moving a run
+    between a CPU and a GPU switches it): the checkpoint holds the other layout of weights and optimizer state
+    (bf16 weights with fp32 main copies, or fp32 weights only)."""
+    saved = meta.get("precision")  # absent in checkpoints written before it was recorded
+    if saved is not None and saved != precision:
+        raise ConfigError(
+            f"{checkpoint}: trained with the backbone in {saved}, but this launch runs it in {precision} "
+            f"(model.precision=auto picks bf16 on a GPU, fp32 on a CPU): relaunch with model.precision={saved} to "
+            "continue it, or start a new run (experiment.name / experiment.run_dir)")
+
+
 def describe(changes: dict[str, tuple[Any, Any]], checkpoint: Path) -> str:
     return f"config changed since {checkpoint.name}: " + "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changes.items())
 

@@ -133,6 +133,7 @@ class TrainingRun:
         rank_state = {"rng": rng_state(), "train": asdict(state), "dp_rank": self.groups.data_parallel_rank}
         meta = {"tokens_seen": state.tokens_seen, "engram": self.hasher.config_fingerprint() if self.hasher else None,
                 "config": relaunch.config_record(self.cfg), "assets": self.assets,
+                "precision": self.model.kernels.precision,  # model.precision=auto resolves by device
                 "loader": self.loader.global_state_dict()}  # collective: the position of every rank's stream
         return rank_state, meta
 
@@ -173,6 +174,7 @@ def resume(run: TrainingRun, newest: Path | None) -> tuple[TrainState, Path | No
         return TrainState(), None
     # Before loading: another compression table fails deep in the table's loader otherwise.
     check_same_assets(run.assets, newest, relaunch.saved_meta(newest))
+    relaunch.check_same_precision(run.model.kernels.precision, newest, relaunch.saved_meta(newest))
     loaded = run.checkpointer.load_newest(model=run.model, optimizer=run.optimizer, table=run.table,
                                           dp_rank=run.groups.data_parallel_rank)
     if loaded is None:

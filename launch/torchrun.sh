@@ -174,6 +174,9 @@ if [[ -n "$GPUS" && "$GPUS" != 0 ]]; then
     # Asked for GPUs: never fall back to CPU silently (a CPU-only torch, a node without drivers, a job that
     # requested none). The trainers see ENGRAM_GPUS_PER_NODE too.
     export ENGRAM_GPUS_PER_NODE="$GPUS"
+    # Megatron's sequence-parallel all-gather/reduce-scatter overlap relies on one hardware queue per device, so the
+    # collectives it launches first run first (megatron-core tensor_parallel/layers.py checks it).
+    export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
     seen="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null || echo 0)"
     ((seen >= GPUS && seen >= NPROC_PER_NODE)) \
         || die "asked for $GPUS GPU(s) per node and $NPROC_PER_NODE rank(s) here, but torch sees $seen GPU(s) on $(hostname)" \

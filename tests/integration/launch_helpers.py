@@ -99,6 +99,22 @@ class DockerUnavailable(RuntimeError):
     """Docker cannot be installed or started here; the message says why (the test skips with it)."""
 
 
+def _apt_mirror() -> list[str]:
+    """The Debian archive this machine's apt is configured with (its first deb822 ``URIs:`` or ``deb`` line), so the
+    stand-in is bootstrapped from the same mirror; none found: debootstrap's own default."""
+    for source in sorted(Path("/etc/apt").glob("sources.list.d/*.sources")) + [Path("/etc/apt/sources.list")]:
+        if not source.is_file():
+            continue
+        for line in source.read_text().splitlines():
+            words = line.split()
+            if len(words) >= 2 and words[0] == "URIs:" and "security" not in words[1]:
+                return [words[1]]
+            uris = [w for w in words[1:] if "://" in w]
+            if words and words[0] == "deb" and uris and "security" not in uris[0]:
+                return uris[:1]
+    return []
+
+
 def _apt_install(*packages: str) -> None:
     if shutil.which("apt-get") is None:
         raise DockerUnavailable(f"apt-get is unavailable to install {' '.join(packages)}")
@@ -175,7 +191,7 @@ def ensure_base_image(tag: str, work_dir: Path) -> str:
         _apt_install("debootstrap")
     rootfs = work_dir / "rootfs"
     boot = run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,python3-pip,python3-dev,ca-certificates",
-                "bookworm", str(rootfs), "http://deb.debian.org/debian"])
+                "bookworm", str(rootfs), *_apt_mirror()])
     if boot.returncode:
         raise DockerUnavailable(f"debootstrap of the stand-in base failed: {boot.stderr[-800:]}")
     rootfs_image = "local/bookworm-python:standin"

@@ -36,6 +36,9 @@ def trained(tiny_config):
     ("engram.heads_per_order=4", "engram.heads_per_order: 2 -> 4"),
     ("engram.layers=[0]", "engram.layers: [1] -> [0]"),
     ("experiment.seed=7", "experiment.seed: 1234 -> 7"),
+    # what model.precision=auto does when a run moves from a CPU to a GPU: refused before loading (DCP would fail
+    # on the bf16 run's fp32 main copies, which an fp32 checkpoint does not hold)
+    ("model.precision=bf16", "trained with the backbone in fp32, but this launch runs it in bf16"),
 ])
 def test_a_changed_model_hash_layout_or_data_order_is_refused_and_the_run_folder_is_untouched(trained, override, named):
     run_dir, relaunch_config = trained
