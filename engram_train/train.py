@@ -190,7 +190,8 @@ def open_logger(run: TrainingRun, state: TrainState, allocation: AllocationPlan 
                 stack: contextlib.ExitStack) -> MetricsLogger:
     """metrics.jsonl, console and W&B (rank 0); finished with the run's exit code on every exit path."""
     cfg, x = run.cfg, run.cfg.experiment
-    record = {"params": run.accounting.to_dict(), "flops_per_token": run.flops_per_token,
+    record = {"params": run.accounting.to_dict(), "flops_per_token": run.flops_per_token, "world_size": run.dims.world,
+              "data_parallel_size": run.dims.dp,
               **({"allocation": allocation.to_dict()} if allocation else {})}
     logger = MetricsLogger(Path(x.run_dir), config={**OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True), **record},
                            wandb=x.wandb, name=x.wandb.name or x.name, tags=run_tags(cfg, allocation),
@@ -336,7 +337,10 @@ def eta_seconds(state: TrainState, start: TrainState, total_steps: int) -> float
 def finish(run: TrainingRun, state: TrainState, logger: MetricsLogger, summary: dict,
            allocation: AllocationPlan | None) -> None:
     """The summary to W&B and the console, and result.json, unless the run stopped for requeue."""
-    logger.summary({**summary, "flops_per_token": run.flops_per_token,
+    # A relaunch of a finished run takes no step: its NaN speed must not overwrite the real one in W&B.
+    kept = {k: v for k, v in summary.items() if not (k == "tokens_per_s" and not math.isfinite(v))}
+    logger.summary({**kept, "flops_per_token": run.flops_per_token, "world_size": run.dims.world,
+                    "data_parallel_size": run.dims.dp,
                     **{f"params/{k}": v for k, v in run.accounting.to_dict().items()}})
     if summary["preempted"]:
         return
@@ -394,7 +398,9 @@ def format_summary(summary: dict, accounting=None) -> str:
         *([f"  [yellow]skipped steps        {summary['skipped_steps']} (non-finite loss or gradient; no update)[/yellow]"]
           if summary["skipped_steps"] else []),
         f"  checkpoint           {summary['checkpoint']}",
-        f"  W&B run (offline)    {summary['wandb_dir']}   (sync: wandb sync {summary['wandb_dir']})",
+        # every segment of the run (one per session, the same W&B run id): syncing only the last loses the rest
+        f"  W&B run (offline)    {summary['wandb_dir']}   (sync: wandb sync {Path(summary['wandb_dir']).parent}/offline-run-*)"
+        if summary["wandb_dir"] else "  W&B run              none (experiment.wandb.mode=disabled)",
         f"  metrics              {summary['run_dir']}/metrics.jsonl",
     ]
     return "\n".join(lines)

@@ -107,6 +107,9 @@ def test_multirun_over_rho_then_rerun_then_analyze(tiny_dataset, tmp_path):
     again = _sweep(tiny_dataset, sweep_dir)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("this run is complete, nothing to train") == 2
+    assert "nan" not in again.stdout.lower() and again.stdout.count("no steps this session") == 2, again.stdout[-3000:]
+    # the sync hint names every session's segment of the one W&B run, not only the last
+    assert again.stdout.count("/wandb/offline-run-*)") == 2, again.stdout[-3000:]
     for name, run in runs.items():
         assert json.loads((sweep_dir / name / "result.json").read_text())["final_val_loss"] == run["final_val_loss"]
 
