@@ -213,13 +213,13 @@ class ExperimentConfig:
     #: Tokens per optimizer step over all data-parallel ranks; accumulation is derived.
     batch_tokens: int = 4096
     #: Sequences per forward/backward on one rank.
-    micro_batch_size: int = 8
+    micro_batch_size: int = 16
     log_every: int = 10
     eval_every: int = 100
     #: Validation tokens per evaluation.
     eval_tokens: int = 32768
     #: Save a checkpoint every N steps (0: only at the end).
-    checkpoint_every: int = 0
+    checkpoint_every: int = 100
     #: Keep the newest K checkpoints.
     keep_checkpoints: int = 2
     #: Write checkpoints in the background: the step boundary takes a snapshot and training goes on while
