@@ -64,7 +64,7 @@ def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetc
     from engram_train.memory import ShardedEngramTable, TablePrefetcher, UniqueIds
     from engram_train.optim import clip_coefficient, global_grad_norm
     from engram_train.parallel import ParallelDims, destroy_process_groups, init_process_groups
-    from engram_train.train_step import StepPlan, train_step
+    from engram_train.train_step import StepPlan, apply_update, train_step
 
     cfg = Config()
     cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads = 2, 64, 4
@@ -111,9 +111,8 @@ def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetc
                 checkpointer.load(path, model=model, optimizer=optimizer, table=table, dp_rank=dp_rank)
             result = train_step(model, table, prefetcher, batches, plan, dims)
             norm = global_grad_norm(optimizer.grad_norm_sq(), result.table_grad_norm_sq, table_group=groups.table)
-            scale = clip_coefficient(norm, 1.0)
-            optimizer.step(lr=LR, clip_scale=scale)
-            table.step(LR * 5, grad_scale=scale / dims.dp)
+            # the trainer's own update (its table gradient scale by the DP size is part of what is compared)
+            apply_update(optimizer, table, lr=LR, table_lr=LR * 5, clip_scale=clip_coefficient(norm, 1.0), dims=dims)
             losses.append((result.loss, norm))
         if prefetcher is not None:
             prefetcher.close()
