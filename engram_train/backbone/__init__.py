@@ -6,8 +6,10 @@ import warnings
 
 import torch
 
-# Megatron warns at import that Transformer Engine and Apex are absent; without a GPU that is expected.
-warnings.filterwarnings("ignore", module=r"megatron\..*")
+# Megatron warns at import that Transformer Engine and Apex are absent; without a GPU that is expected. On a GPU
+# the same warnings say that fast kernels are missing, so they are kept there.
+if not torch.cuda.is_available():
+    warnings.filterwarnings("ignore", module=r"megatron\..*")
 
 from engram_train.backbone.model import EngramLayout, EngramMoEModel
 from engram_train.config import ConfigError
