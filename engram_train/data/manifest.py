@@ -86,11 +86,6 @@ class Dataset:
         """int64 raw id -> canonical id table the Engram hasher needs."""
         return np.load(self.path / "compression.npy", allow_pickle=False)
 
-    def load_tokenizer(self):
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_file(str(self.tokenizer_path))
-
 
 def _require(manifest: dict, key: str, where: Path) -> Any:
     if key not in manifest:

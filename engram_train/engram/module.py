@@ -16,32 +16,26 @@ from torch import nn
 class CausalDepthwiseConv1d(nn.Module):
     """Depthwise conv over the sequence in which position t sees only t, t-d, ..., t-(k-1)d.
 
-    Kept as its own module because it is the one place in the block that mixes positions: under
-    sequence parallelism each rank must prepend the last ``halo_size`` positions of the previous
-    rank's chunk, which ``forward(x, halo=...)`` accepts in place of the zero padding.
+    Kept as its own module because it is the one place in the block that mixes positions (under sequence
+    parallelism the block sees the whole sequence: the SP wrapper gathers it first).
     """
 
     def __init__(self, channels: int, kernel_size: int, dilation: int) -> None:
         super().__init__()
         self.kernel_size = kernel_size
         self.dilation = dilation
-        self.halo_size = (kernel_size - 1) * dilation
+        self.left_padding = (kernel_size - 1) * dilation  # zeros before position 0
         # Zero init makes a fresh block's conv branch vanish, so training starts from the gated memory alone.
         self.weight = nn.Parameter(torch.zeros(channels, 1, kernel_size))
 
-    def forward(self, x: torch.Tensor, halo: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [S, B, C]; halo: [halo_size, B, C] positions preceding x (zeros when None).
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [S, B, C] -> [S, B, C].
 
         Written as a sum of ``kernel_size`` shifted, channel-scaled copies of x rather than
         ``F.conv1d(groups=C)``: with a kernel this short the shifted sum stays in the [S, B, C]
         layout (no permutes), and on CPU its backward is ~4x faster than the depthwise conv's.
         """
-        if halo is None:
-            padded = F.pad(x, (0, 0, 0, 0, self.halo_size, 0))
-        else:
-            if halo.shape[0] != self.halo_size:
-                raise ValueError(f"halo has {halo.shape[0]} positions, the conv needs {self.halo_size}")
-            padded = torch.cat([halo, x], dim=0)
+        padded = F.pad(x, (0, 0, 0, 0, self.left_padding, 0))
         length, taps = x.shape[0], self.weight[:, 0]
         y = padded[:length] * taps[:, 0]
         for tap in range(1, self.kernel_size):
@@ -112,12 +106,8 @@ class EngramBlock(nn.Module):
             logit = logit.sign() * logit.abs().clamp_min(1e-6).sqrt()
         return torch.sigmoid(logit)
 
-    def forward(self, h: torch.Tensor, e: torch.Tensor, conv_halo: torch.Tensor | None = None) -> torch.Tensor:
-        """h: [S, B, hidden_size], e: [S, B, memory_dim] -> y: [S, B, hidden_size].
-
-        ``conv_halo`` is the sequence-parallel hook of ``CausalDepthwiseConv1d.forward``: the
-        normalised gated values of the positions just before this chunk.
-        """
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """h: [S, B, hidden_size], e: [S, B, memory_dim] -> y: [S, B, hidden_size]."""
         if h.shape[:-1] != e.shape[:-1] or h.shape[-1] != self.hidden_size or e.shape[-1] != self.memory_dim:
             raise ValueError(
                 f"expected h [S, B, {self.hidden_size}] and e [S, B, {self.memory_dim}], "
@@ -131,4 +121,4 @@ class EngramBlock(nn.Module):
             self._eval_gate_counts = counts if self._eval_gate_counts is None else self._eval_gate_counts + counts
         value = self.value_proj(e)
         gated = alpha.to(value.dtype) * value
-        return gated + F.silu(self.conv(self.conv_norm(gated), halo=conv_halo))
+        return gated + F.silu(self.conv(self.conv_norm(gated)))

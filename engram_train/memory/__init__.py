@@ -2,8 +2,8 @@
 
 from engram_train.memory.dedup import UniqueIds
 from engram_train.memory.prefetch import TablePrefetcher
-from engram_train.memory.sharding import RowSharding, TableLayout
+from engram_train.memory.sharding import RowSharding
 from engram_train.memory.sparse_optim import bytes_per_row
 from engram_train.memory.table import ShardedEngramTable
 
-__all__ = ["ShardedEngramTable", "TablePrefetcher", "TableLayout", "RowSharding", "bytes_per_row", "UniqueIds"]
+__all__ = ["ShardedEngramTable", "TablePrefetcher", "RowSharding", "bytes_per_row", "UniqueIds"]

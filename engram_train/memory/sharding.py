@@ -1,57 +1,14 @@
 """Which rank owns which rows of the logical Engram table.
 
-All (layer, order, head) sub-tables are stacked into one logical table (``TableLayout``) and that
-table is cut into contiguous row ranges, one per rank of the table group (``RowSharding``).
+All (layer, order, head) sub-tables are stacked into one logical table (row offsets from the hasher,
+``NgramHasher.row_offsets``) and that table is cut into contiguous row ranges, one per rank of the table group (``RowSharding``).
 Contiguous ranges make ownership a ``searchsorted`` on sorted ids and make a checkpoint shard a
 plain slice, which is what lets a checkpoint be resharded to any world size.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-
-
-@dataclass(frozen=True)
-class TableLayout:
-    """Row offsets of stacked sub-tables (one per Engram layer x n-gram order x hash head).
-
-    ``sizes[i]`` is the row count of sub-table ``i`` (in the order the hashing code enumerates
-    them); sub-table ``i`` occupies global rows ``offsets[i] .. offsets[i] + sizes[i]``.
-    """
-
-    sizes: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        if not self.sizes:
-            raise ValueError("TableLayout needs at least one sub-table size")
-        for i, size in enumerate(self.sizes):
-            if size < 1:
-                raise ValueError(f"TableLayout: sub-table {i} has {size} rows; every sub-table needs >= 1 row")
-
-    @property
-    def offsets(self) -> tuple[int, ...]:
-        out, acc = [], 0
-        for size in self.sizes:
-            out.append(acc)
-            acc += size
-        return tuple(out)
-
-    @property
-    def num_rows(self) -> int:
-        return sum(self.sizes)
-
-    def offsets_tensor(self) -> torch.Tensor:
-        return torch.tensor(self.offsets, dtype=torch.long)
-
-    def to_global(self, local_ids: torch.Tensor) -> torch.Tensor:
-        """Map per-sub-table ids ``[..., num_subtables]`` to global row ids (adds each offset)."""
-        if local_ids.shape[-1] != len(self.sizes):
-            raise ValueError(
-                f"TableLayout.to_global: last dim {local_ids.shape[-1]} != {len(self.sizes)} sub-tables"
-            )
-        return local_ids.long() + self.offsets_tensor()
 
 
 class RowSharding:

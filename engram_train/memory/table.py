@@ -1,6 +1,6 @@
 """ShardedEngramTable: the Engram rows as a row-sharded parameter server in host RAM.
 
-One logical table (all layers x orders x heads, see ``TableLayout``) is cut into contiguous row
+One logical table (all layers x orders x heads, stacked at ``NgramHasher.row_offsets``) is cut into contiguous row
 ranges over a gloo group; each rank allocates only its own rows and their optimizer state.
 
 Forward (``lookup``): dedup ids -> bucket by owner (sorted unique ids are already grouped) ->
@@ -99,7 +99,7 @@ class ShardedEngramTable:
     """Row-sharded Engram table with sparse optimizer, living in host RAM.
 
     Args:
-        num_rows: rows of the logical table (sum of all sub-tables, ``TableLayout.num_rows``).
+        num_rows: rows of the logical table (the sum of all sub-tables, ``NgramHasher.num_rows``).
         dim: row width.
         group: gloo process group of the table shards; ``None`` = one rank, no communication.
         optimizer: ``adam`` | ``rowwise_adam`` | ``rowwise_adagrad`` (``engram.optimizer``).

@@ -66,17 +66,6 @@ def test_output_at_t_ignores_every_later_position(block, trained_conv):
         assert reached == [S - 1 - ORDER * k for k in (3, 2, 1, 0)]
 
 
-def test_conv_on_chunks_with_halo_equals_conv_on_whole_sequence():
-    torch.manual_seed(0)
-    conv = CausalDepthwiseConv1d(H, kernel_size=4, dilation=ORDER)
-    with torch.no_grad():
-        conv.weight.normal_()
-    x = torch.randn(2 * conv.halo_size + 3, B, H)
-    cut = conv.halo_size + 2
-    chunks = torch.cat([conv(x[:cut]), conv(x[cut:], halo=x[cut - conv.halo_size : cut])])
-    torch.testing.assert_close(chunks, conv(x))
-
-
 @pytest.mark.parametrize("kernel_size", [1, 4])
 def test_conv_matches_torch_depthwise_conv1d_forward_and_backward(kernel_size):
     """The shifted-sum conv is the causal (left-padded) depthwise ``F.conv1d``, gradients included."""
@@ -91,7 +80,7 @@ def test_conv_matches_torch_depthwise_conv1d_forward_and_backward(kernel_size):
 
     x_ref = x.detach().clone().requires_grad_()
     weight_ref = conv.weight.detach().clone().requires_grad_()
-    padded = torch.nn.functional.pad(x_ref.permute(1, 2, 0), (conv.halo_size, 0))
+    padded = torch.nn.functional.pad(x_ref.permute(1, 2, 0), (conv.left_padding, 0))
     y_ref = torch.nn.functional.conv1d(padded, weight_ref, dilation=ORDER, groups=H).permute(2, 0, 1)
     (grad_x_ref, grad_w_ref) = torch.autograd.grad(y_ref, (x_ref, weight_ref), grad_out)
     torch.testing.assert_close(y, y_ref)

@@ -11,7 +11,7 @@ from tests import kernel_cache_dir
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", kernel_cache_dir())
 
-from engram_train.memory import ShardedEngramTable, TablePrefetcher, TableLayout, UniqueIds, bytes_per_row  # noqa: E402
+from engram_train.memory import ShardedEngramTable, TablePrefetcher, UniqueIds, bytes_per_row  # noqa: E402
 from engram_train.memory.sharding import RowSharding  # noqa: E402
 from engram_train.memory.table import init_rows  # noqa: E402
 from tests.table_steps import train_table  # noqa: E402
@@ -154,10 +154,7 @@ def test_world_larger_than_rows_and_bad_config_raise():
         ShardedEngramTable(N, D, table_dtype="float16")
 
 
-def test_layout_offsets():
-    layout = TableLayout((5, 7, 11))
-    assert layout.offsets == (0, 5, 12) and layout.num_rows == 23
-    assert layout.to_global(torch.tensor([[4, 6, 10]])).tolist() == [[4, 11, 22]]
+def test_row_sharding_bounds_and_owner_counts():
     sharding = RowSharding(10, 3)
     assert sharding.bounds == [0, 4, 7, 10]
     assert sharding.counts_per_owner(torch.tensor([0, 3, 4, 9])).tolist() == [2, 1, 1]
