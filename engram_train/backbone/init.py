@@ -16,6 +16,8 @@ import torch
 from megatron.core import parallel_state
 
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+# Transformer Engine's grouped experts (TEGroupedMLP) hold local expert k as ``experts.linear_fc1.weight{k}``.
+_GROUPED_EXPERT = re.compile(r"\.experts\.(linear_fc[12])\.weight(\d+)$")
 _SCALED_OUTPUT = ("linear_proj.weight", "linear_fc2.weight")
 
 
@@ -24,12 +26,21 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
+def _local_expert_index(name: str) -> int | None:
+    match = _LOCAL_EXPERT.search(name) or _GROUPED_EXPERT.search(name)
+    return None if match is None else int(match.group(1) if match.re is _LOCAL_EXPERT else match.group(2))
+
+
 def _global_name(name: str, num_local_experts: int, ep_rank: int) -> str:
-    match = _LOCAL_EXPERT.search(name)
-    if not match:
-        return name
-    global_index = ep_rank * num_local_experts + int(match.group(1))
-    return name[: match.start()] + f".experts.{global_index}." + name[match.end():]
+    """One name per weight whatever the layout: the expert's global index (EP) in the same form for Megatron's
+    sequential experts and TE's grouped ones, so both start from the same model."""
+    if match := _LOCAL_EXPERT.search(name):
+        global_index = ep_rank * num_local_experts + int(match.group(1))
+        return name[: match.start()] + f".experts.{global_index}." + name[match.end():]
+    if match := _GROUPED_EXPERT.search(name):
+        global_index = ep_rank * num_local_experts + int(match.group(2))
+        return name[: match.start()] + f".experts.experts.{global_index}.{match.group(1)}.weight"
+    return name
 
 
 def _tp_slice(full: torch.Tensor, param: torch.nn.Parameter, rank: int, size: int, glu: bool) -> torch.Tensor:
@@ -51,18 +62,18 @@ def canonical_init_(gpt: torch.nn.Module, *, seed: int, std: float, num_layers: 
     etp_size = parallel_state.get_expert_tensor_parallel_world_size()
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     num_local_experts = max(
-        (int(m.group(1)) + 1 for n, _ in gpt.named_parameters() if (m := _LOCAL_EXPERT.search(n))), default=0
+        (index + 1 for n, _ in gpt.named_parameters() if (index := _local_expert_index(n)) is not None), default=0
     )
     for name, param in gpt.named_parameters():
         if param.dim() < 2:
             continue  # norm gains stay at their constant init
-        is_expert = _LOCAL_EXPERT.search(name) is not None
+        is_expert = _local_expert_index(name) is not None
+        canonical = _global_name(name, num_local_experts, ep_rank)
         rank, size = (etp_rank, etp_size) if is_expert else (tp_rank, tp_size)
         full_shape = list(param.shape)
         if size > 1 and getattr(param, "tensor_model_parallel", False):
             full_shape[param.partition_dim] *= size
-        scale = std / math.sqrt(2.0 * num_layers) if name.endswith(_SCALED_OUTPUT) else std
-        generator = _generator(seed, _global_name(name, num_local_experts, ep_rank))
-        full = torch.randn(full_shape, generator=generator, dtype=torch.float32) * scale
-        glu = gated_linear_unit and name.endswith("linear_fc1.weight")
+        scale = std / math.sqrt(2.0 * num_layers) if canonical.endswith(_SCALED_OUTPUT) else std
+        full = torch.randn(full_shape, generator=_generator(seed, canonical), dtype=torch.float32) * scale
+        glu = gated_linear_unit and canonical.endswith("linear_fc1.weight")
         param.copy_(_tp_slice(full, param, rank, size, glu).to(param.dtype))
