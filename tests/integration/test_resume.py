@@ -6,6 +6,7 @@ loader workers (data.num_workers=1), as users run it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -225,29 +226,29 @@ def test_a_dead_rank_makes_the_survivor_fail_fast_and_the_last_complete_checkpoi
     assert meta["step"] == state["train"]["step"] == int(latest.name.split("_")[1]) and meta["world"] == 2
 
 
-def _load_in_one_process(cfg, path: Path) -> tuple[dict, dict]:
-    """Build the run's model, optimizer and table at world 1 and load ``path`` into them."""
-    from engram_train.backbone import build_model
-    from engram_train.data import open_dataset
-    from engram_train.optim import configure_optimizer
-    from engram_train.parallel import (
-        ParallelDims,
-        destroy_process_groups,
-        init_process_groups,
-    )
-    from engram_train.train import build_hasher, build_table
+@contextlib.contextmanager
+def _built_in_one_process(cfg, run_dir: Path):
+    """The trainer's own build (``build_run``: model, optimizer, table, loader) at world 1, checkpointing in
+    ``run_dir``; everything closed on exit."""
+    from engram_train.parallel import ParallelDims, destroy_process_groups, init_process_groups
+    from engram_train.preemption import PreemptionWatch
+    from engram_train.train import build_run
 
     dims = ParallelDims.from_config(cfg)
     groups = init_process_groups(dims)
     try:
-        dataset = open_dataset(cfg.data)
-        hasher = build_hasher(cfg, dataset)
-        model = build_model(cfg, vocab_size=dataset.vocab_size, dims=dims)
-        table = build_table(cfg, hasher, groups.table)
-        checkpointer = Checkpointer(path.parent.parent, rank=0, world=1, keep=2)
-        return checkpointer.load(path, model=model, optimizer=configure_optimizer(model, cfg.optim, dims), table=table, dp_rank=0)
+        with contextlib.ExitStack() as stack:
+            watch = PreemptionWatch()
+            stack.callback(watch.restore)
+            yield build_run(cfg, dims, groups, Checkpointer(run_dir, rank=0, world=1, keep=2), watch, stack)
     finally:
         destroy_process_groups()
+
+
+def _load_in_one_process(cfg, path: Path) -> tuple[dict, dict]:
+    """Build the run at world 1 and load ``path`` into its model, optimizer and table."""
+    with _built_in_one_process(cfg, path.parent.parent) as run:
+        return run.checkpointer.load(path, model=run.model, optimizer=run.optimizer, table=run.table, dp_rank=0)
 
 
 def test_half_written_checkpoints_are_ignored_and_another_optimizers_state_is_refused(tiny_config, tmp_path):
@@ -287,27 +288,12 @@ def _global_tensors(backbone: Path) -> dict[str, torch.Tensor]:
 
 
 def _resave_at_world_one(cfg, source: Path, target_run: Path) -> Path:
-    """Load a checkpoint into a one-process model, optimizer and table, and save that state again."""
-    from engram_train.backbone import build_model
-    from engram_train.data import open_dataset
-    from engram_train.optim import configure_optimizer
-    from engram_train.parallel import ParallelDims, destroy_process_groups, init_process_groups
-    from engram_train.train import build_hasher, build_table
-
-    dims = ParallelDims.from_config(cfg)
-    groups = init_process_groups(dims)
-    try:
-        dataset = open_dataset(cfg.data)
-        hasher = build_hasher(cfg, dataset)
-        model = build_model(cfg, vocab_size=dataset.vocab_size, dims=dims)
-        optimizer = configure_optimizer(model, cfg.optim, dims)
-        table = build_table(cfg, hasher, groups.table)
-        checkpointer = Checkpointer(target_run, rank=0, world=1, keep=1)
-        state, meta = checkpointer.load(source, model=model, optimizer=optimizer, table=table, dp_rank=0)
+    """Load a checkpoint into a one-process run, and save that state again in ``target_run``."""
+    with _built_in_one_process(cfg, target_run) as run:
+        state, meta = run.checkpointer.load(source, model=run.model, optimizer=run.optimizer, table=run.table, dp_rank=0)
         step = int(source.name.removeprefix("step_"))
-        return checkpointer.save(step, model=model, optimizer=optimizer, table=table, rank_state=state, meta=meta)
-    finally:
-        destroy_process_groups()
+        return run.checkpointer.save(step, model=run.model, optimizer=run.optimizer, table=run.table, rank_state=state,
+                                     meta=meta)
 
 
 def test_tp2_checkpoint_resumes_at_tp1_with_the_same_losses(tiny_dataset, tiny_config, tmp_path):
