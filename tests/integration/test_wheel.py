@@ -51,6 +51,13 @@ def test_a_built_wheel_trains_outside_the_repository_and_answers_help_fast(tiny_
         [sys.executable, "-X", "importtime", "-m", "engram_train", "--help"], cwd=tmp_path, env=env, capture_output=True,
         text=True).stderr.split(), "--help imports no torch (it would take ~16 s)"
 
+    # Shell completion: Hydra's query answered from the wheel's conf/ without torch (one such call per Tab).
+    completed = subprocess.run([sys.executable, "-X", "importtime", "-m", "engram_train", "-sc", "query=bash"], cwd=tmp_path,
+                               env={**env, "COMP_LINE": "engram-train experiment.na"}, capture_output=True, text=True,
+                               timeout=120)
+    assert completed.returncode == 0 and "experiment.name=" in completed.stdout.split(), completed.stdout + completed.stderr
+    assert "torch" not in completed.stderr.split(), "completion imports no torch"
+
     run_dir = tmp_path / "run"
     trained = subprocess.run(
         [sys.executable, "-m", "engram_train", *[o for o in TINY_OVERRIDES if not o.startswith("data.num_workers=")],
