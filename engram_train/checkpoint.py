@@ -218,6 +218,15 @@ class Checkpointer:
         """Collective: wait for the save in flight (if any) and seal it; the sealed path."""
         return self._finish(blocking=True)
 
+    def abandon(self) -> None:
+        """Not collective, for a run that failed: kill this rank's background writer of the save in flight. Its
+        folder stays ``.partial`` (ignored on resume, removed at the next start); sealing would need every rank."""
+        if self.in_flight is None:
+            return
+        while self._calls.async_calls:  # megatron-core's queue of started writers (one per save in flight)
+            self._calls.async_calls.popleft().async_caller.close(abort=True)
+        self.in_flight = None
+
     def _finish(self, *, blocking: bool) -> Path | None:
         if self.in_flight is None:
             return None

@@ -238,6 +238,7 @@ def train(cfg: Config, allocation: AllocationPlan | None = None) -> dict:
         stack.callback(destroy_process_groups)
         watch = PreemptionWatch()
         stack.callback(watch.restore)
+        stack.push(lambda kind, error, trace: checkpointer.abandon() if kind is not None else None)
         try:
             run = build_run(cfg, dims, groups, checkpointer, watch, stack)
             state, latest = resume(run, newest)

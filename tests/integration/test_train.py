@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engram_train import checkpoint
 from engram_train.train import train
 
 from .conftest import REPO
@@ -60,14 +61,31 @@ def test_bad_config_fails_before_any_work(tmp_path):
     assert not run_dir.exists()
 
 
+def _children() -> list[int]:
+    return [int(c) for c in Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return b""
+
+
 def _children_named(comm: str) -> list[int]:
     children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
     return [int(c) for c in children if Path(f"/proc/{c}/comm").exists() and Path(f"/proc/{c}/comm").read_text().strip() == comm]
 
 
-def test_a_failure_mid_run_finishes_wandb_as_failed_and_leaves_no_thread_or_worker(tiny_config):
+def _writer_that_never_finishes(*args, **kwargs) -> None:
+    threading.Event().wait()  # a checkpoint writer stuck on a slow filesystem
+
+
+@pytest.mark.timeout(300)  # without the checkpointer's abandon on the exit stack, train() waits on the writer forever
+def test_a_failure_mid_run_finishes_wandb_as_failed_and_leaves_no_thread_or_worker(tiny_config, monkeypatch):
     """The loop's resources close on every exit path: here lr=1e30 makes step 2 non-finite (optim.on_nonfinite=stop)
-    with the prefetch thread, a loader worker process and an offline W&B run (console captured) all live."""
+    with the prefetch thread, a loader worker process, step 1's background checkpoint writer and an offline W&B run
+    (console captured) all live."""
     import wandb
 
     from engram_train.train import NonFiniteLossError
@@ -75,8 +93,10 @@ def test_a_failure_mid_run_finishes_wandb_as_failed_and_leaves_no_thread_or_work
     cfg = tiny_config("optim.lr=1e30", "optim.warmup_tokens=0", "optim.grad_clip=0", "optim.on_nonfinite=stop",
                       "engram.heads_per_order=2", "engram.head_dim=16", "engram.rows_per_head=1009",
                       "engram.prefetch=overlap", "data.num_workers=1", f"experiment.total_tokens={6 * 1024}",
-                      "experiment.log_every=1")
+                      "experiment.log_every=1", "experiment.checkpoint_async=true", "experiment.checkpoint_every=1")
     threads = set(threading.enumerate())
+    children = set(_children())
+    monkeypatch.setattr(checkpoint, "_write_rank_files", _writer_that_never_finishes)  # inherited by the fork
     with pytest.raises(NonFiniteLossError, match="^step 2: "):
         train(cfg)
     assert wandb.run is None, "the W&B run is finished"
@@ -87,6 +107,9 @@ def test_a_failure_mid_run_finishes_wandb_as_failed_and_leaves_no_thread_or_work
     left = [t for t in set(threading.enumerate()) - threads if t.is_alive() and not t.name.startswith(("wandb-", "Otel"))]
     assert not left, f"threads left behind: {left}"
     assert not _children_named("pt_data_worker"), "loader worker left behind"
+    # step 1's background checkpoint writer (a fork of this process, as the loader workers; still writing) is gone
+    forks = [c for c in set(_children()) - children if _cmdline(c) == _cmdline(os.getpid())]
+    assert not forks, f"processes forked by the run left behind: {forks}"
 
 
 def test_kill_9_and_resume_leave_one_wandb_run_holding_every_step_once(tiny_dataset, tmp_path):
