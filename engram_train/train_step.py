@@ -17,7 +17,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from engram_train.config import Config, ConfigError
-from engram_train.memory import UniqueIds
+from engram_train.memory import DeviceRows, RowTransfer, UniqueIds
 
 
 @dataclass
@@ -112,6 +112,7 @@ class EngramLookup:
                  unique: UniqueIds | None = None):
         self.table, self.hash_ids, self.tp_group, self.prefetcher = table, hash_ids, tp_group, prefetcher
         self.device = device
+        self.transfer = RowTransfer.for_device(device)  # pinned buffers and a side stream on a GPU
         self.is_leader = tp_group is None or dist.get_rank(tp_group) == 0
         self.own_ids = hash_ids if self.is_leader else hash_ids[:0]
         self.unique = unique if self.is_leader else None
@@ -125,9 +126,14 @@ class EngramLookup:
             start = time.perf_counter()
             rows = self.prefetcher.result() if self.prefetcher is not None else self.table.lookup(self.own_ids, self.unique)
             if self.tp_group is not None or self.device.type != "cpu":
-                # The table lives in host RAM; the model (and the TP group's backend) may be on a GPU.
+                # The table lives in host RAM; the model (and the TP group's backend) may be on a GPU. A prefetch
+                # thread has already started the copy; the compute stream waits for it here, at the first Engram layer.
                 shape = (*self.hash_ids.shape, self.table.dim)
-                shared = rows.detach().to(self.device) if self.is_leader else torch.empty(shape, dtype=self.table.dtype, device=self.device)
+                if self.is_leader:
+                    pending = rows if isinstance(rows, DeviceRows) else self.transfer.to_device(rows)
+                    shared = self.transfer.wait(pending).detach()
+                else:
+                    shared = torch.empty(shape, dtype=self.table.dtype, device=self.device)
                 if self.tp_group is not None:
                     dist.broadcast(shared, group=self.tp_group, group_src=0)
                 rows = shared.requires_grad_()
@@ -143,7 +149,7 @@ class EngramLookup:
         grad = self.rows.grad
         if self.tp_group is not None:
             dist.all_reduce(grad, group=self.tp_group)
-        grad = grad.to("cpu") if grad.device.type != "cpu" else grad
+        grad = self.transfer.to_host(grad)
         self.table.accumulate_grad(self.own_ids, grad if self.is_leader else grad[:0])
 
 

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from engram_train.memory.dedup import UniqueIds
+from engram_train.memory.device_rows import DeviceRows, RowTransfer
 from engram_train.memory.table import ShardedEngramTable
 
 
@@ -52,8 +53,10 @@ class TablePrefetcher:
     points of the step (the lookup is collective).
     """
 
-    def __init__(self, table: ShardedEngramTable):
+    def __init__(self, table: ShardedEngramTable, transfer: RowTransfer | None = None):
+        """``transfer``: with the backbone on a GPU, the thread also starts each lookup's copy to the device."""
         self.table = table
+        self.transfer = transfer
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch", initializer=_one_thread)
         self._future = None
         self._ids: torch.Tensor | None = None
@@ -67,14 +70,15 @@ class TablePrefetcher:
         self._future = self._pool.submit(self._run, ids, unique)
         self.table.prefetch_started(self._future)
 
-    def _run(self, ids: torch.Tensor, unique: UniqueIds | None) -> torch.Tensor:
+    def _run(self, ids: torch.Tensor, unique: UniqueIds | None) -> torch.Tensor | DeviceRows:
         t0 = time.perf_counter()
         rows = self.table.gather_rows(ids, unique)
         self.table.count(lookup_s=time.perf_counter() - t0)
-        return rows
+        return self.transfer.to_device(rows) if self.transfer is not None else rows
 
-    def result(self) -> torch.Tensor:
-        """Rows of the submitted ids (float32 leaf with ``requires_grad``), waiting if needed."""
+    def result(self) -> torch.Tensor | DeviceRows:
+        """Rows of the submitted ids, waiting if needed: a host leaf with ``requires_grad``, or with a ``transfer``
+        their copy on its way to the device."""
         if self._future is None:
             raise RuntimeError("TablePrefetcher.result: nothing submitted")
         t0 = time.perf_counter()
@@ -87,6 +91,7 @@ class TablePrefetcher:
         self.table.count(wait_s=time.perf_counter() - t0)
         if self.table.version != self._version:
             rows = self.table.lookup(ids)  # rows changed after the prefetch began: never serve stale ones
+            rows = self.transfer.to_device(rows) if self.transfer is not None else rows
         return rows
 
     def close(self) -> None:
