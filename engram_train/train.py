@@ -228,7 +228,7 @@ def train(cfg: Config, allocation: AllocationPlan | None = None) -> dict:
 
     ``allocation`` is the plan that turned ``scaling.allocation_ratio`` into this config (logged and recorded).
     """
-    x = cfg.experiment
+    x, started = cfg.experiment, time.perf_counter()
     dims = ParallelDims.from_config(cfg)
     checkpointer = Checkpointer(Path(x.run_dir), rank=dims.rank, world=dims.world, keep=x.keep_checkpoints,
                                 async_save=x.checkpoint_async)
@@ -255,6 +255,7 @@ def train(cfg: Config, allocation: AllocationPlan | None = None) -> dict:
                     relaunch.record(Path(x.run_dir), changes, latest, state.step)
             announce(run, logger, allocation)
             summary = train_loop(run, state, logger, latest)
+            summary["session_wall_seconds"] = time.perf_counter() - started  # build, steps, evaluation, checkpoints
             finish(run, state, logger, summary, allocation)
             return summary
         except RuntimeError as error:
@@ -396,6 +397,8 @@ def format_summary(summary: dict, accounting=None) -> str:
         f"  final val loss       {summary['final_val_loss']:.4f}   (unigram entropy of val tokens: {summary['val_unigram_entropy']:.4f} nats)",
         f"  tokens               {summary['tokens_seen']:,} in {summary['steps']} steps, {speed}",
         f"  training time        {_duration(summary['train_seconds'])} over all sessions (steps only)",
+        f"  wall time            {_duration(summary['session_wall_seconds'])} this session (start-up, steps, evaluation, "
+        "checkpoints)",
         *([f"  parameters           {accounting.total:,} total, {accounting.activated:,} activated per token "
            "(without embedding and LM head)"] if accounting is not None else []),
         *([f"  [yellow]skipped steps        {summary['skipped_steps']} (non-finite loss or gradient; no update)[/yellow]"]

@@ -33,6 +33,7 @@ def test_fifty_steps_lower_the_loss(tiny_config, engram):
     summary = train(cfg)
     losses = [m["loss"] for m in read_metrics(cfg.experiment.run_dir) if "loss" in m]
     assert summary["steps"] == 50
+    assert 0 < summary["train_seconds"] < summary["session_wall_seconds"], "wall time adds start-up, eval, checkpoints"
     assert losses[-1] < losses[0] - 0.5, losses
     assert summary["final_val_loss"] < math.log(1024) - 0.5, "validation loss must fall below uniform guessing"
     checkpoint = Path(summary["checkpoint"])
