@@ -113,3 +113,28 @@ def test_two_budgets_are_kept_apart_and_the_infinite_memory_power_law_is_recover
     assert law["rows_decades"] == pytest.approx(3.0)
     assert result["infinite_memory"]["small, lr 0.006"]["fit"]["alpha"] == pytest.approx(0.05, rel=1e-6)
     assert result["infinite_memory"]["small, lr 0.006"]["seeds"] == [2, 2, 2, 2]
+
+
+def test_a_step_at_the_pure_moe_is_told_apart_and_each_arm_is_tuned_on_its_own(tmp_path):
+    """At the Engram arms' best rate the MoE sits far above them (its own best rate is lower): the quadratic through
+    all points turns over inside the range, the fit of the Engram arms alone does not, and the envelope takes each
+    rho at its own best rate."""
+    rng = np.random.default_rng(1)
+    for seed in (1, 2):
+        for rho in RATIOS:
+            high = 3.5 if rho == 1.0 else 3.0 + 0.05 * rho  # lr 1.2e-2: Engram arms rise slowly, the MoE is off
+            low = 3.2 if rho == 1.0 else 3.1 + 0.05 * rho  # lr 6e-3: the MoE's best
+            _result(tmp_path, rho=rho, seed=seed, lr=1.2e-2, series="lr_sweep", loss=high + rng.normal(0, 0.001))
+            _result(tmp_path, rho=rho, seed=seed, lr=6e-3, series="lr_sweep", loss=low + rng.normal(0, 0.001))
+    out = analyze([tmp_path], tmp_path / "out", wandb_mode="disabled", bootstrap=200)["allocation"]["b1"]
+    assert out["lr"] == 1.2e-2
+    assert out["fit"]["interior"], "the MoE's step makes the quadratic turn over"
+    alone = out["fit_without_moe"]
+    assert not alone["interior"] and alone["argmin"] == pytest.approx(0.0), alone["verdict"]
+    envelope = out["envelope"]["points"]
+    assert [p["lr"] for p in envelope] == [1.2e-2] * (len(RATIOS) - 1) + [6e-3]
+    assert envelope[-1]["val_loss"] == pytest.approx(3.2, abs=0.005) and envelope[-1]["seeds"] == 2
+    # the tuned MoE is still above the Engram arms: the step stays, and so does the distinction
+    assert out["envelope"]["fit"]["interior"] and not out["envelope"]["fit_without_moe"]["interior"]
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "without the pure MoE" in text and "each rho at its own best learning rate" in text
