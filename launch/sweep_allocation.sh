@@ -3,7 +3,7 @@
 # Every block is one Hydra multirun; each job trains in outputs/sweeps/<sweep>/<its overrides> and resumes from
 # its own checkpoints, so re-running this script after an interruption continues where it stopped (a finished
 # job only re-evaluates and rewrites its result.json).
-#   bash launch/sweep_allocation.sh            # ~4 h on 2 CPU cores (estimated from the runs' times)
+#   bash launch/sweep_allocation.sh            # ~6 h on 2 CPU cores (estimated from the runs' times)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
