@@ -214,30 +214,33 @@ def analyze_allocation(results: list[dict], *, bootstrap: int = 2000) -> dict:
             "points": _points(points),
             "other_lrs": {},
         }
-        if len(points) >= MIN_FIT_POINTS:
-            entry["fit"] = fit_allocation_curve(points, bootstrap=bootstrap)
+        entry.update(_fits(points, bootstrap))
         for other, curve in curves.items():
             other_points = _mean_by_ratio(curve)
             if other != lr and len(other_points) >= 2:
                 entry["other_lrs"][other] = {"points": _points(other_points)}
                 if len(other_points) >= MIN_FIT_POINTS:
                     entry["other_lrs"][other]["fit"] = fit_allocation_curve(other_points, bootstrap=bootstrap)
-        if len(points) >= MIN_FIT_POINTS + 1 and points[-1][0] >= 1.0:
-            # The pure MoE is the one arm without the Engram block: a step there can make a quadratic through all
-            # points turn over inside the range. Fitting the Engram arms alone says whether the minimum survives.
-            entry["fit_without_moe"] = fit_allocation_curve(points[:-1], bootstrap=bootstrap)
         envelope = tuned_envelope(curves)
-        entry["envelope"] = {"points": [{**p, "lr": lr} for p, lr in zip(_points([(x, v) for x, v, _ in envelope]),
-                                                                      [lr for *_, lr in envelope])]}
         env_points = [(x, v) for x, v, _ in envelope]
-        if len(env_points) >= MIN_FIT_POINTS:
-            entry["envelope"]["fit"] = fit_allocation_curve(env_points, bootstrap=bootstrap)
-        if len(env_points) >= MIN_FIT_POINTS + 1 and env_points[-1][0] >= 1.0:
-            entry["envelope"]["fit_without_moe"] = fit_allocation_curve(env_points[:-1], bootstrap=bootstrap)
+        entry["envelope"] = {"points": [{**p, "lr": lr} for p, (*_, lr) in zip(_points(env_points), envelope)],
+                             **_fits(env_points, bootstrap)}
         entry["null_memory"] = _memory_share(runs, curves)
         entry["lr_sweep"] = _lr_table(runs)
         analysis[budget] = entry
     return analysis
+
+
+def _fits(points: list[tuple[float, list[float]]], bootstrap: int) -> dict:
+    """``fit`` over all points and, where the pure MoE ends the curve, ``fit_without_moe``: it is the one arm without
+    the Engram block, and a step there can make a quadratic through all points turn over inside the range. Fitting the
+    Engram arms alone says whether the minimum survives."""
+    fits = {}
+    if len(points) >= MIN_FIT_POINTS:
+        fits["fit"] = fit_allocation_curve(points, bootstrap=bootstrap)
+    if len(points) >= MIN_FIT_POINTS + 1 and points[-1][0] >= 1.0:
+        fits["fit_without_moe"] = fit_allocation_curve(points[:-1], bootstrap=bootstrap)
+    return fits
 
 
 def tuned_envelope(curves: dict[float, list[dict]]) -> list[tuple[float, list[float], float]]:
