@@ -131,6 +131,11 @@ class DataConfig:
     seq_len: int = 128
     #: Loader worker processes per rank (they also compute the Engram hash ids).
     num_workers: int = 1
+    #: Row streams the training data is read as, fixed for the whole run (0: the first launch's data-parallel
+    #: ranks x max(1, num_workers)). Runs with the same streams read the same global order of micro-batches at
+    #: any data-parallel size, so a 1-process run reproduces an 8-rank one; ranks x workers that divide it read
+    #: each row once, others read shared streams and drop what is not theirs. Needs at least as many shards.
+    streams: int = 0
     #: Samples in the shuffle buffer (0: no sample shuffle; shards are always shuffled per epoch).
     shuffle_buffer: int = 64
     #: error: stop at a bad shard; skip: log it, count it in metrics and go on.
@@ -370,6 +375,7 @@ def validate(cfg: Config) -> None:
     _choice("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
     _choice("parallel.grad_sync", p.grad_sync, ("auto", "coalesced", "megatron_ddp"))
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _check(d.streams >= 0, "data.streams", d.streams, "must be >= 0 (0: the first launch's ranks x workers)")
     _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 0")
     _choice("data.on_bad_shard", d.on_bad_shard, ("error", "skip"))
 

@@ -33,7 +33,7 @@ FIXED = (
     "engram.enabled", "engram.layers", "engram.ngram_orders", "engram.heads_per_order", "engram.head_dim",
     "engram.rows_per_head", "engram.seed", "engram.conv_kernel_size", "engram.gate_signed_sqrt",
     "engram.projection_bias", "engram.null_memory", "engram.optimizer", "engram.reset_at_doc_boundary",
-    "data.seq_len", "data.num_workers", "data.shuffle_buffer", "data.train_urls",
+    "data.seq_len", "data.num_workers", "data.streams", "data.shuffle_buffer", "data.train_urls",
     "experiment.seed", "optim.distributed",
 )
 

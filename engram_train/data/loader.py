@@ -3,10 +3,12 @@
 The run reads one *global* sequence of micro-batches, the same whatever the data-parallel size of the
 launch that reads it, so a checkpoint resumes exactly at another size:
 
-1. the row streams are fixed when the run starts: ``ranks x workers`` streams (that launch's data-parallel
-   ranks and ``max(1, data.num_workers)``), stream ``k`` reading the shards and shuffle of that launch's
-   (rank ``k % ranks``, worker ``k // ranks``) (``stream.assign_shards``), cut into micro-batches of
-   ``micro_batch_size`` rows across epoch boundaries, so no row is dropped or repeated;
+1. the row streams are fixed when the run starts: ``data.streams`` of them, or where that is 0 ``ranks x
+   workers`` (the first launch's data-parallel ranks and ``max(1, data.num_workers)``), stream ``k`` reading
+   the shards and shuffle of (rank ``k % ranks``, worker ``k // ranks``) (``stream.assign_shards``; with
+   ``data.streams`` set, ranks = streams and workers = 1), cut into micro-batches of ``micro_batch_size``
+   rows across epoch boundaries, so no row is dropped or repeated. Two runs with the same ``data.streams``
+   thus read the same order whatever their sizes;
 2. global micro-batch ``g`` is the next micro-batch of stream ``g % streams``, and data-parallel rank ``r``
    of a launch with ``D`` ranks consumes ``g = r, r + D, r + 2D, ...``: every optimizer step takes the same
    micro-batches at any ``D`` that divides its micro-batches (``StepPlan`` checks that), only the ranks
@@ -460,10 +462,11 @@ def build_train_loader(data_cfg: Any, *, micro_batch_size: int, hasher: Any, dp_
     """The rank's training loader, from the start of epoch 0 with this launch's streams (``load_state_dict`` to
     resume; the shard count is checked against the streams read, at the first batch)."""
     dataset = dataset or open_dataset(data_cfg)
-    workers = max(1, data_cfg.num_workers)
-    spec = StreamSpec(dataset.train, dataset.seq_len, dataset.vocab_size, seed, dp_rank, dp_world, workers,
+    # data.streams fixes the layout whatever this launch's size: stream k is then "rank" k of one worker.
+    ranks, workers = (data_cfg.streams, 1) if data_cfg.streams else (dp_world, max(1, data_cfg.num_workers))
+    spec = StreamSpec(dataset.train, dataset.seq_len, dataset.vocab_size, seed, dp_rank % ranks, ranks, workers,
                       data_cfg.shuffle_buffer, data_cfg.on_bad_shard, str(data_cfg.path), dict(dataset.bad))
-    state = LoaderState.start(dp_world, workers, seed, _data_id(dataset))
+    state = LoaderState.start(ranks, workers, seed, _data_id(dataset))
     return TrainLoader(dataset, spec, state, micro_batch_size, data_cfg.num_workers, hasher,
                        dataset.eos_id if eos_reset else None, dp_rank=dp_rank, dp_world=dp_world)
 

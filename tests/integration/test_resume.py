@@ -444,34 +444,43 @@ def _resume_copy(source: Path, step: int, run_dir: Path) -> Path:
     return run_dir
 
 
-#: Losses of a resumed run at another data-parallel size: the same micro-batches per step, summed and all-reduced
-#: over another number of ranks, so float rounding differs (measured over steps 6-10: at most 4.8e-7 at DP=1, bit-identical at DP=4).
-ELASTIC_ATOL = 1e-5
+#: Losses at another data-parallel size: the same micro-batches per step, summed and all-reduced over another
+#: number of ranks, so float rounding differs, and Adam's normalised update lets it grow: measured between one
+#: process and 2 ranks, 2e-6 over steps 1-5 and up to 1.3e-4 by step 10. A micro-batch read out of order moves
+#: the step-1 loss by ~1e-2.
+EARLY_ATOL, ELASTIC_ATOL = 1e-5, 5e-4
 
 
-def test_a_dp2_checkpoint_resumes_at_dp1_and_dp4_on_the_same_curve(tiny_dataset, tmp_path):
-    """Elastic resume: the loader's position is global, so DP=1 and DP=4 continue the DP=2 run's sample order (with
-    its one loader worker per rank: two streams, which four ranks share) and its loss curve. Plain DP, the model
-    and table resharded through their checkpoints; micro-batches of 4 make the global batch 4 micro-batches."""
-    layout = ["experiment.micro_batch_size=4", "experiment.checkpoint_every=5"]
-    reference = tmp_path / "dp2"
-    _run(_torchrun(tiny_dataset, reference, *layout))
-    saved = json.loads((reference / "checkpoints" / "step_00000005" / "meta.json").read_text())["loader"]
-    assert (saved["ranks"], saved["workers"], saved["batches"]) == (2, 1, 5 * 4), saved
+def test_one_process_and_two_ranks_read_one_order_and_a_dp2_checkpoint_resumes_at_dp1_and_dp4(tiny_dataset, tmp_path):
+    """With data.streams fixed, one process (4 micro-batches accumulated per step, its loader worker reading both
+    streams) and 2 ranks train the same curve from step 1; the DP=2 run's checkpoint at step 5 resumes at DP=1 and
+    DP=4 (the model and table resharded through their checkpoints, the loader's position global) and continues the
+    one-process curve. Plain DP; micro-batches of 4 make the global batch 4 micro-batches."""
+    layout = ["experiment.micro_batch_size=4", "experiment.checkpoint_every=5", "data.streams=2"]
+    reference = tmp_path / "dp1_whole"
+    _run(_single(tiny_dataset, reference, *layout))
     expected = _losses(reference)
+    assert len(expected) == STEPS
 
-    one = _resume_copy(reference, 5, tmp_path / "dp1")
+    two = tmp_path / "dp2"
+    _run(_torchrun(tiny_dataset, two, *layout))
+    saved = json.loads((two / "checkpoints" / "step_00000005" / "meta.json").read_text())["loader"]
+    assert (saved["ranks"], saved["workers"], saved["batches"]) == (2, 1, 5 * 4), saved
+
+    one = _resume_copy(two, 5, tmp_path / "dp1")
     result = _run(_single(tiny_dataset, one, *layout))
     assert "resumed from" in result.stdout + result.stderr
-    four = _resume_copy(reference, 5, tmp_path / "dp4")
+    four = _resume_copy(two, 5, tmp_path / "dp4")
     result = _run(_torchrun(tiny_dataset, four, *layout, nproc=4))
     assert "each worker reads 2x the rows it keeps" in result.stdout + result.stderr
-    for run_dir in (one, four):
-        losses = _losses(run_dir)
-        assert losses[:5] == expected[:5] and len(losses) == len(expected) == STEPS
-        print(f"{run_dir.name}: max |loss - DP=2 loss| over steps 6-10 = {np.max(np.abs(np.subtract(losses, expected))):.2e}")
-        np.testing.assert_allclose(losses, expected, rtol=0, atol=ELASTIC_ATOL, err_msg=run_dir.name)
-    # The position each run saved at its end is the uninterrupted run's: the same micro-batches, the same cursors.
+    curves = {run_dir.name: _losses(run_dir) for run_dir in (two, one, four)}
+    for name, losses in curves.items():
+        print(f"{name}: |loss - one-process loss| per step {np.round(np.abs(np.subtract(losses, expected)), 7).tolist()}")
+    for name, losses in curves.items():
+        assert len(losses) == STEPS
+        np.testing.assert_allclose(losses[:5], expected[:5], rtol=0, atol=EARLY_ATOL, err_msg=name)
+        np.testing.assert_allclose(losses, expected, rtol=0, atol=ELASTIC_ATOL, err_msg=name)
+    # The position each run saved at its end is the uninterrupted runs': the same micro-batches, the same cursors.
     end = json.loads((reference / "checkpoints" / f"step_{STEPS:08d}" / "meta.json").read_text())["loader"]
-    for run_dir in (one, four):
+    for run_dir in (two, one, four):
         assert json.loads((run_dir / "checkpoints" / f"step_{STEPS:08d}" / "meta.json").read_text())["loader"] == end

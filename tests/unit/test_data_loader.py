@@ -219,6 +219,24 @@ def test_a_checkpoint_resumes_the_same_global_order_at_any_data_parallel_size_an
             ld.close()
 
 
+@pytest.mark.timeout(120)
+def test_fixed_streams_give_every_data_parallel_size_the_same_order_from_the_start(tmp_path):
+    """data.streams=4: fresh runs at 1 rank (2 worker processes), 2, 3 and 8 ranks read the global order that a
+    4-rank launch reads by default (4 ranks x 1 worker are the same 4 streams)."""
+    root = make_dataset(tmp_path / "ds", [[4, 3], [5], [2, 2, 2], [3, 4], [6], [1, 5]])
+    kw = dict(shuffle_buffer=2, batch=3)
+    four = [loader(root, rank=r, world=4, **kw) for r in range(4)]
+    expected = _global_order(four, 6)
+    for world, num_workers in ((1, 2), (2, 0), (3, 0), (8, 0)):
+        launch = [loader(root, rank=r, world=world, num_workers=num_workers, streams=4, **kw) for r in range(world)]
+        assert _global_order(launch, 24 // world) == expected, f"{world} ranks x {num_workers} workers"
+        assert {(ld.state.ranks, ld.state.workers) for ld in launch} == {(4, 1)}
+        for ld in launch:
+            ld.close()
+    # Without data.streams the layout is the launch's own, so one rank reads another order.
+    assert _global_order([loader(root, **kw)], 24) != expected
+
+
 def test_resume_on_other_data_or_seed_or_too_few_shards_is_refused(tmp_path):
     root = make_dataset(tmp_path / "ds", EQUAL)
     two = loader(root, rank=0, world=2, num_workers=2)
