@@ -66,12 +66,19 @@ def compose_only(dict_cfg) -> None:
     raise RuntimeError("engram-train: compose_only ran a task; use engram_train.train.main to train")
 
 
-def main() -> None:
+def answered_without_training() -> bool:
+    """Answer ``--help`` and the ``COMPOSE_ONLY`` flags of this command line; False when it asks to train."""
     if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
         print(help_text())
-        return
+        return True
     if any(arg.split("=")[0] in COMPOSE_ONLY for arg in sys.argv[1:]):
         compose_only()
+        return True
+    return False
+
+
+def main() -> None:
+    if answered_without_training():
         return
     from engram_train.metrics import use_own_wandb_service
     from engram_train.train import main as train_main  # torch, Megatron: only when training

@@ -1,5 +1,6 @@
-"""The package as users install it: a wheel built from the repository carries its Hydra presets and the
-``engram-train`` command, and trains a few steps outside the repository (no editable install, no repo on the path)."""
+"""The package as users install it: a wheel built from the repository, installed by pip into a fresh venv, carries
+its Hydra presets and the ``engram-train`` command, declares dependencies that resolve, answers ``--help`` without
+torch, and trains a few steps outside the repository (no editable install, no repo on the path)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,27 @@ import zipfile
 
 import pytest
 
+from pathlib import Path
+
 from .conftest import REPO, TINY_OVERRIDES
 
 pytestmark = pytest.mark.slow
+
+_MISSING_REQUIREMENTS = """
+import importlib.metadata as md
+from packaging.requirements import Requirement
+missing = []
+for line in md.requires("engram-train") or []:
+    req = Requirement(line)
+    if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        continue
+    try:
+        if not req.specifier.contains(md.version(req.name), prereleases=True):
+            missing.append(f"{req} (have {md.version(req.name)})")
+    except md.PackageNotFoundError:
+        missing.append(str(req))
+print(missing)
+"""
 
 
 def test_a_built_wheel_trains_outside_the_repository_and_answers_help_fast(tiny_dataset, tmp_path):
@@ -29,30 +48,49 @@ def test_a_built_wheel_trains_outside_the_repository_and_answers_help_fast(tiny_
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
                     str(tmp_path / "dist"), str(source)], check=True, capture_output=True, text=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("engram_train-*.whl")
-    site = tmp_path / "site"
-    with zipfile.ZipFile(wheel) as archive:  # installing a pure-Python wheel is unpacking it onto the path
-        archive.extractall(site)
+    with zipfile.ZipFile(wheel) as archive:
         entry_points = archive.read(next(n for n in archive.namelist() if n.endswith("entry_points.txt"))).decode()
     assert "engram-train = engram_train.cli:main" in entry_points
-    # The dependencies come from the test venv; the package itself only from the unpacked wheel, run from elsewhere.
-    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    where = subprocess.run([sys.executable, "-c", "import engram_train; print(engram_train.__file__)"], cwd=tmp_path,
+
+    # A fresh venv, the wheel installed into it by pip (its console script included). The dependencies are the test
+    # venv's (no index here): its site-packages joins the new venv's path through a .pth line, after the venv's own,
+    # and a path line does not run the test venv's editable-install hook, so engram_train comes from the wheel alone.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+    python = venv / "bin" / "python"
+    new_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+    old_site = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+    (Path(new_site) / "test_venv_dependencies.pth").write_text(old_site + "\n")
+    installed = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
+                               capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    where = subprocess.run([str(python), "-c", "import engram_train; print(engram_train.__file__)"], cwd=tmp_path,
                            env=env, capture_output=True, text=True, check=True).stdout.strip()
-    assert where.startswith(str(site)), where
+    assert where.startswith(new_site), where
+    # Every dependency the wheel declares resolves (a missing one would only fail at its first import).
+    missing = subprocess.run([str(python), "-c", _MISSING_REQUIREMENTS], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, check=True).stdout.strip()
+    assert missing == "[]", f"declared but not installed: {missing}"
+    engram_train_cmd = str(venv / "bin" / "engram-train")
 
     started = time.monotonic()
-    shown = subprocess.run([sys.executable, "-m", "engram_train", "--help"], cwd=tmp_path, env=env, capture_output=True,
-                           text=True, timeout=120)
+    shown = subprocess.run([engram_train_cmd, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     help_seconds = time.monotonic() - started
     assert shown.returncode == 0, shown.stderr
     assert "experiment: sweep_tiny, sweep_tiny_3x, sweep_tiny_r10, tiny" in shown.stdout, "presets listed from the wheel's conf/"
     assert "optim.max_consecutive_skips=3  -- With on_nonfinite=skip: stop" in shown.stdout, "field docs listed"
-    assert "torch" not in subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "engram_train", "--help"], cwd=tmp_path, env=env, capture_output=True,
-        text=True).stderr.split(), "--help imports no torch (it would take ~16 s)"
+    for command in (["-m", "engram_train"], ["-m", "engram_train.train"]):
+        timed = subprocess.run([str(python), "-X", "importtime", *command, "--help"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True)
+        assert "optim.max_consecutive_skips=3" in timed.stdout, (command, timed.stdout[-2000:])
+        assert "torch" not in timed.stderr.split(), f"{command}: --help imports no torch (it would take ~16 s)"
 
     # Shell completion: Hydra's query answered from the wheel's conf/ without torch (one such call per Tab).
-    completed = subprocess.run([sys.executable, "-X", "importtime", "-m", "engram_train", "-sc", "query=bash"], cwd=tmp_path,
+    completed = subprocess.run([str(python), "-X", "importtime", "-m", "engram_train", "-sc", "query=bash"], cwd=tmp_path,
                                env={**env, "COMP_LINE": "engram-train experiment.na"}, capture_output=True, text=True,
                                timeout=120)
     assert completed.returncode == 0 and "experiment.name=" in completed.stdout.split(), completed.stdout + completed.stderr
@@ -60,7 +98,7 @@ def test_a_built_wheel_trains_outside_the_repository_and_answers_help_fast(tiny_
 
     run_dir = tmp_path / "run"
     trained = subprocess.run(
-        [sys.executable, "-m", "engram_train", *[o for o in TINY_OVERRIDES if not o.startswith("data.num_workers=")],
+        [engram_train_cmd, *[o for o in TINY_OVERRIDES if not o.startswith("data.num_workers=")],
          f"data.path={tiny_dataset}", f"experiment.run_dir={run_dir}", f"experiment.total_tokens={3 * 1024}",
          "experiment.log_every=1", "experiment.wandb.mode=disabled"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
