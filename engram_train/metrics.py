@@ -153,9 +153,13 @@ def _plain(value: Any) -> Any:
 HISTOGRAM_PREFIX = "engram_gate_hist/"
 
 
+#: Keys whose value is the tokens routed to each expert of one MoE layer (bin e: expert e).
+EXPERT_LOAD_PREFIX = "moe_tokens/"
+
+
 def _for_wandb(record: dict[str, Any]) -> dict[str, Any]:
     """The record with each histogram's counts as a ``wandb.Histogram`` (drawn as one, over the steps)."""
-    if not any(key.startswith(HISTOGRAM_PREFIX) for key in record):
+    if not any(key.startswith((HISTOGRAM_PREFIX, EXPERT_LOAD_PREFIX)) for key in record):
         return record
     import numpy as np
     import wandb
@@ -164,6 +168,8 @@ def _for_wandb(record: dict[str, Any]) -> dict[str, Any]:
     for key, counts in record.items():
         if key.startswith(HISTOGRAM_PREFIX):
             out[key] = wandb.Histogram(np_histogram=(np.asarray(counts), np.linspace(0.0, 1.0, len(counts) + 1)))
+        elif key.startswith(EXPERT_LOAD_PREFIX):
+            out[key] = wandb.Histogram(np_histogram=(np.asarray(counts), np.arange(len(counts) + 1)))
     return out
 
 

@@ -11,6 +11,8 @@ import torch.distributed as dist
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.router import TopKRouter
 
+from engram_train.metrics import EXPERT_LOAD_PREFIX
+
 
 class MoELoadTracker:
     def __init__(self, model: torch.nn.Module):
@@ -39,7 +41,8 @@ class MoELoadTracker:
 
     def summary(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
         """Imbalance (max/mean tokens per expert) of each MoE layer and of the worst one, the coefficient of
-        variation, tokens per expert (summed over layers and the group), and the aux loss. The headline is the
+        variation, tokens routed to each expert of each layer (summed over the group; a list per layer, drawn by W&B
+        as a histogram over the expert index), and the aux loss. The headline is the
         worst layer: summed over layers, one collapsed layer hides behind balanced ones."""
         if not self.routers:
             return {}
@@ -51,13 +54,12 @@ class MoELoadTracker:
         layer_cv = (counts.std(dim=1, unbiased=False) / layer_mean).tolist()
         stats = {"moe_load_imbalance": max(layer_imbalance), "moe_load_cv": max(layer_cv)}
         stats.update({f"moe_load_imbalance/layer_{i}": value for i, value in enumerate(layer_imbalance)})
-        per_expert = counts.sum(dim=0)
         tracker = moe_utils.get_moe_layer_wise_logging_tracker()
         if "load_balancing_loss" in tracker:
             values = tracker["load_balancing_loss"]["values"]
             moe_layers = values[values != 0]
             if moe_layers.numel():
                 stats["moe_aux_loss"] = float(moe_layers.mean())
-        for expert, tokens in enumerate(per_expert.tolist()):
-            stats[f"moe_tokens/expert_{expert}"] = tokens
+        for layer, tokens in enumerate(counts.tolist()):
+            stats[f"{EXPERT_LOAD_PREFIX}layer_{layer}"] = tokens
         return stats

@@ -44,6 +44,11 @@ def test_fifty_steps_lower_the_loss(tiny_config, engram):
     assert wandb_dir.is_dir() and any(wandb_dir.glob("*.wandb")), "a real offline W&B run is written"
     metrics = read_metrics(cfg.experiment.run_dir)[-1]
     assert "moe_load_imbalance" in metrics and "tokens_per_s" in metrics
+    # Expert load per layer, of the last step: every token goes to top-k experts in each MoE layer.
+    m = cfg.model
+    for layer in range(m.num_layers):
+        routed = metrics[f"moe_tokens/layer_{layer}"]
+        assert len(routed) == m.num_experts and sum(routed) == cfg.experiment.batch_tokens * m.moe_router_topk, routed
     if engram == "default":
         assert 0.0 < metrics["engram_gate/layer_1"] < 1.0
         assert metrics["table/rows"] > 0
