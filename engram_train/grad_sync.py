@@ -3,7 +3,7 @@
 Two strategies behind one small interface (``start`` before the first micro-batch, ``no_sync`` around
 every micro-batch but the last, ``finish`` after the last backward), giving the same gradients:
 
-- ``CoalescedGradSync``: after the backward, one flat all-reduce per group (``parallel.finalize_grads``).
+- ``CoalescedGradSync``: after the backward, one flat all-reduce per group (``finalize_grads``).
   On CPU, where the all-reduce cannot overlap anything (every core computes), this is the cheapest. With bf16
   parameters it accumulates each gradient into an fp32 ``main_grad`` as soon as autograd has it, as Megatron's
   DDP does, so micro-batches are summed and reduced in fp32 (``grad_reduce_in_fp32``).
@@ -12,8 +12,11 @@ every micro-batch but the last, ``finish`` after the last backward), giving the 
   as soon as its gradients are ready (``overlap_grad_reduce``), hidden behind the remaining backward on a
   GPU. It runs the same way on CPU with gloo, which is how CI tests the GPU default's logic.
 
-The strategy is attached to the model (``model.grad_sync``) by ``build_model``, so every caller of
-``train_step`` gets the configured one without threading it through.
+The strategy is attached to the model (``model.grad_sync``) by ``build_model``, the one place where a rank's
+model is parallelised (its TP/EP shard, then its gradient sync), so every caller of ``train_step`` gets the
+configured one without threading it through. This module holds every rule for reducing backbone gradients
+(which group, which scale, sequence-parallel partial sums) and for their global norm; ``parallel`` only
+makes the process groups.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 
-from engram_train.parallel import ParallelDims, finalize_grads
+from engram_train.parallel import ParallelDims
+
 
 def _accumulate_in_fp32(param: torch.nn.Parameter) -> None:
     param.main_grad.add_(param.grad)
@@ -113,3 +118,90 @@ def build_grad_sync(choice: str, model: torch.nn.Module, dims: ParallelDims, *, 
     if choice == "megatron_ddp" or (choice == "auto" and next(model.parameters()).is_cuda):
         return MegatronGradSync(model)
     return CoalescedGradSync(model, dims)
+
+
+def _all_reduce_coalesced(tensors: list[torch.Tensor], group, *, scale: float = 1.0) -> None:
+    """One all-reduce for many small gradients (hundreds of separate gloo calls would dominate a step)."""
+    if not tensors:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    flat = _flatten_dense_tensors(tensors)
+    dist.all_reduce(flat, group=group)
+    if scale != 1.0:
+        flat.mul_(scale)
+    for tensor, reduced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        tensor.copy_(reduced)
+
+
+def _is_expert(param: torch.nn.Parameter) -> bool:
+    """Megatron marks expert weights ``allreduce=False``: they sync over the expert-data-parallel group."""
+    return not getattr(param, "allreduce", True)
+
+
+def grad_of(param: torch.nn.Parameter) -> torch.Tensor | None:
+    """The gradient the optimizer steps on: the fp32 ``main_grad`` where a grad sync keeps one (Megatron DDP;
+    bf16 parameters, whose gradients accumulate and are reduced in fp32), else ``param.grad``."""
+    main_grad = getattr(param, "main_grad", None)
+    return main_grad if main_grad is not None else param.grad
+
+
+def finalize_grads(model: torch.nn.Module, dims: ParallelDims) -> None:
+    """Make every rank's gradients those of the global batch, as Megatron's finalize_model_grads does.
+
+    1. Parameters applied to a sequence slice under SP (norms, router, Engram blocks) hold partial
+       gradients: sum them over the TP group.
+    2. Average dense gradients over the data-parallel group; sum expert gradients over the
+       expert-data-parallel group (the ranks holding a replica of the same experts) and divide by DP.
+    """
+    from megatron.core import parallel_state
+
+    grads = [(p, g) for p in model.parameters() if (g := grad_of(p)) is not None]
+    if dims.tp > 1:
+        partial = [g for p, g in grads if getattr(p, "sequence_parallel", False)]
+        _all_reduce_coalesced(partial, parallel_state.get_tensor_model_parallel_group())
+    dense = [g for p, g in grads if not _is_expert(p)]
+    expert = [g for p, g in grads if _is_expert(p)]
+    dp_size = parallel_state.get_data_parallel_world_size()
+    if dp_size == 1:
+        return
+    _all_reduce_coalesced(dense, parallel_state.get_data_parallel_group(), scale=1.0 / dp_size)
+    # An expert already saw the tokens of every DP rank in its EP group (the dispatcher's all-to-all),
+    # each weighted by its own rank's mean: sum over replicas of the expert, then divide by the full
+    # DP size, as Megatron's DDP does (expert_gradient_scaling_factor).
+    if parallel_state.get_expert_data_parallel_world_size() > 1:
+        _all_reduce_coalesced(expert, parallel_state.get_expert_data_parallel_group(), scale=1.0 / dp_size)
+    else:
+        for grad in expert:
+            grad.mul_(1.0 / dp_size)
+
+
+def backbone_grad_norm_sq(model: torch.nn.Module, dims: ParallelDims) -> torch.Tensor:
+    """Sum of squared gradients of the whole backbone, each shard counted once (call after finalize_grads).
+
+    TP-replicated parameters are counted on TP rank 0 only; dense sums are reduced over the TP group,
+    expert sums over the expert tensor-and-model-parallel group.
+    """
+    from megatron.core import parallel_state
+
+    device = next(model.parameters()).device  # NCCL reduces CUDA tensors only
+    dense = torch.zeros((), dtype=torch.float64, device=device)
+    expert = torch.zeros((), dtype=torch.float64, device=device)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    for param in model.parameters():
+        grad = grad_of(param)
+        if grad is None:
+            continue
+        sharded = getattr(param, "tensor_model_parallel", False)
+        square = grad.detach().double().pow(2).sum()
+        if _is_expert(param):
+            if sharded or etp_rank == 0:
+                expert += square
+        elif sharded or tp_rank == 0:
+            dense += square
+    if dims.tp > 1:
+        dist.all_reduce(dense, group=parallel_state.get_tensor_model_parallel_group())
+    if dims.world > 1:
+        dist.all_reduce(expert, group=parallel_state.get_expert_tensor_and_model_parallel_group())
+    return dense + expert

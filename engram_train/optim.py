@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from engram_train.backbone.checkpoint import adam_sharded_state_dict, init_adam_state, load_adam_state_dict
 from engram_train.config import ConfigError, OptimConfig
-from engram_train.parallel import backbone_grad_norm_sq, grad_of
+from engram_train.grad_sync import backbone_grad_norm_sq, grad_of
 
 
 def decays(name: str, param: torch.nn.Parameter) -> bool:
@@ -30,7 +30,7 @@ def decays(name: str, param: torch.nn.Parameter) -> bool:
 class TorchAdamW:
     """torch AdamW over the full (all-reduced) gradients: every DP rank keeps the moments of its TP/EP shard.
 
-    Runs on CPU and GPU. The gradient norm counts every shard once (``parallel.backbone_grad_norm_sq``).
+    Runs on CPU and GPU. The gradient norm counts every shard once (``grad_sync.backbone_grad_norm_sq``).
     With bf16 parameters (``model.precision=bf16``) AdamW steps fp32 main copies of them on their fp32
     gradients (``main_grad``) and the bf16 weights are rounded from those after every step, so updates
     smaller than bf16's resolution accumulate. Our own few lines: Megatron's equivalent
@@ -237,7 +237,7 @@ class LRSchedule:
 def global_grad_norm(backbone_norm_sq: torch.Tensor, table_norm_sq: float, *, table_group=None) -> float:
     """sqrt(sum of squares) of backbone and table gradients together.
 
-    ``backbone_norm_sq`` is already global (parallel.backbone_grad_norm_sq); the table's is over the
+    ``backbone_norm_sq`` is already global (grad_sync.backbone_grad_norm_sq); the table's is over the
     rows this rank owns and is summed over the table group here.
     """
     backbone = backbone_norm_sq.detach().to("cpu", torch.float64)  # from the GPU when the backbone is there

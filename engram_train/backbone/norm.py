@@ -4,7 +4,7 @@ Megatron requires sequence parallelism for MoE with TP > 1, but its torch norm (
 Transformer Engine) refuses ``sequence_parallel=True``. A norm is per token, so it computes the same
 thing either way; what SP changes is that each TP rank sees only its slice of the sequence, so the
 norm's gradient is partial and must be summed over the TP group. We build the norm with SP off and tag
-its parameters ``sequence_parallel`` so ``parallel.finalize_grads`` sums them, as Megatron's
+its parameters ``sequence_parallel`` so ``grad_sync.finalize_grads`` sums them, as Megatron's
 ``finalize_model_grads`` does for Transformer Engine norms.
 """
 
