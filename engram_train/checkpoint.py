@@ -160,13 +160,15 @@ class Checkpointer:
         meta = {**meta, "step": step, "world": self.world, "dp_rank_of_rank": _gather_objects(rank_state["dp_rank"]),
                 "backbone_optimizer": optimizer.kind, "backbone_optimizer_layout": optimizer.fixed_layout}
         backbone = backbone_sharded_state_dict(model, optimizer)
+        # One protocol either way: the backbone through DCP, this rank's table shard, then rank_<r>.pt (each rank's
+        # last file); _seal checks every rank's, writes the table meta and seals. Sync runs it here, async in a
+        # forked writer on a snapshot.
+        shard, table_meta = _table_snapshot(table) if table is not None else (None, None)
         if not self.async_save:
             with _forked_writers_die_with_trainer(), self._write_errors_explained(partial):
                 dist_checkpointing.save(backbone, str(partial / "backbone"))
-                if table is not None:
-                    table.save(partial)
-                atomic_torch_save(rank_state, partial / f"rank_{self.rank}.pt")
-                self._seal(partial, final, meta, table_meta=None)
+                _write_rank_files(partial, self.rank, shard, rank_state)
+                self._seal(partial, final, meta, table_meta)
             return final
 
         with _forked_writers_die_with_trainer(), self._write_errors_explained(partial):
@@ -174,9 +176,8 @@ class Checkpointer:
         backbone_args = list(request.async_fn_args)
         if request.preload_fn is not None:  # GPU: copy to host now, the writer process only sees host memory
             backbone_args[1] = request.preload_fn()
-        shard, table_meta = _table_snapshot(table) if table is not None else (None, None)
         writer = AsyncRequest(
-            _write_rank_files,
+            _forked_writer,
             (request.async_fn, backbone_args, request.async_fn_kwargs, partial, self.rank, shard, rank_state),
             [*request.finalize_fns, bind(self._seal, partial, final, meta, table_meta)],
         )
@@ -244,7 +245,7 @@ class Checkpointer:
                 f"{partial}: a rank's checkpoint writer failed (see that rank's log); the folder stays partial "
                 "and is ignored on resume"
             )
-        if table_meta is not None:  # async: the table shards are on disk, its meta may now be written
+        if table_meta is not None:  # the table shards are on disk (every rank's rank_<r>.pt is): its meta may now be written
             table_files.write_table_meta(table_meta, partial)
         if self.rank == 0:
             meta = {**meta, "sha256": {name: file_sha256(partial / name) for name in _checked_files(partial)}}
@@ -418,21 +419,26 @@ class Checkpointer:
 def _table_snapshot(table) -> tuple[tuple[str, dict[str, Any]], dict[str, Any] | None]:
     """This rank's table shard (file name, content) and (table rank 0) the table meta.
 
-    The rows are not copied: the writer is a forked process, which sees them as they are now.
+    The rows are not copied: a synchronous save writes them before training goes on, and an asynchronous
+    writer is a forked process, which sees them as they are now.
     """
     table.wait_for_prefetch()
     return table_files.table_shard(table), table_files.table_meta(table) if table.rank == 0 else None
 
 
-def _write_rank_files(backbone_fn, backbone_args, backbone_kwargs, folder: Path, rank: int, shard, rank_state) -> None:
-    """Body of the forked writer: backbone (Megatron's writer), table shard, then rank_<r>.pt, each fsynced."""
-    torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool
-    if backbone_fn is not None:
-        backbone_fn(*backbone_args, **backbone_kwargs)
+def _write_rank_files(folder: Path, rank: int, shard, rank_state) -> None:
+    """A rank's files after its backbone part: the table shard, then rank_<r>.pt (its last), each fsynced."""
     if shard is not None:
         name, rows = shard
         atomic_torch_save(rows, folder / name)
     atomic_torch_save(rank_state, folder / f"rank_{rank}.pt")
+
+
+def _forked_writer(backbone_fn, backbone_args, backbone_kwargs, folder: Path, rank: int, shard, rank_state) -> None:
+    """Body of an asynchronous save's forked writer: the backbone (Megatron's writer), then the rank's files."""
+    torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool
+    backbone_fn(*backbone_args, **backbone_kwargs)
+    _write_rank_files(folder, rank, shard, rank_state)
 
 
 def _init_writer_manager(trainer_pid: int) -> None:
