@@ -91,3 +91,19 @@ def test_prefetched_rows_on_the_side_stream_give_the_critical_path_curve(tiny_co
         train(_config(tiny_config, tmp_path / prefetch, "model.precision=fp32", f"engram.prefetch={prefetch}"))
     # not bit for bit: CUDA's embedding backward accumulates with atomics, so GPU runs differ in the last bits
     np.testing.assert_allclose(_losses(tmp_path / "overlap"), _losses(tmp_path / "none"), rtol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank: 2 GPUs")
+def test_two_ranks_on_nccl_with_experts_and_table_sharded_follow_the_one_gpu_curve(tiny_dataset, tmp_path):
+    """torchrun, 2 ranks on 2 GPUs: NCCL for the backbone (EP=2, Megatron DDP), gloo for the host table sharded over
+    both ranks. data.streams=2 gives one process on one GPU the same global order of micro-batches, so fp32 curves
+    agree up to reduction order (the CPU tests' tolerances: test_resume.EARLY_ATOL / ELASTIC_ATOL)."""
+    from .test_resume import EARLY_ATOL, ELASTIC_ATOL, _run, _single, _torchrun
+
+    same = ["experiment.micro_batch_size=4", "data.streams=2", "model.precision=fp32"]
+    _run(_single(tiny_dataset, tmp_path / "one", *same))
+    _run(_torchrun(tiny_dataset, tmp_path / "two", *same, "parallel.ep=2", "parallel.backend=nccl"))
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two)
+    np.testing.assert_allclose(two[:5], one[:5], rtol=0, atol=EARLY_ATOL * 10)  # GPU kernels: a looser start
+    np.testing.assert_allclose(two, one, rtol=0, atol=ELASTIC_ATOL * 4)
