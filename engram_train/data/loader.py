@@ -452,9 +452,10 @@ def _data_id(dataset: Dataset) -> str:
 
 def _check_enough_shards(shards: int, state: LoaderState, path: str) -> None:
     if shards < state.streams:
-        raise DataError(f"data.shards: {shards} shards cannot feed {state.ranks} ranks x {state.workers} workers; "
-                        f"write at least {state.streams} shards (python -m data_pipelines.prepare --out {path} --shards "
-                        f"{state.streams}) or lower data.num_workers")
+        raise DataError(f"data.shards: {shards} shards cannot feed {state.streams} row streams; write at least "
+                        f"{state.streams} shards (python -m data_pipelines.prepare --out {path} --shards {state.streams}) or "
+                        "read fewer streams: data.streams, or where that is 0 (streams = the first launch's data-parallel "
+                        "ranks x workers) data.num_workers")
 
 
 def build_train_loader(data_cfg: Any, *, micro_batch_size: int, hasher: Any, dp_rank: int, dp_world: int, seed: int,

@@ -82,7 +82,7 @@ def test_wrong_row_shape_names_field(root):
 
 def test_fewer_shards_than_ranks_times_workers(tmp_path):
     root = make_dataset(tmp_path / "ds", [[4]] * 3)
-    with pytest.raises(DataError, match=r"data.shards: 3 shards cannot feed 2 ranks x 2 workers; write at least 4 shards .*--shards 4"):
+    with pytest.raises(DataError, match=r"data.shards: 3 shards cannot feed 4 row streams; write at least 4 shards .*--shards 4"):
         next(loader(root, world=2, num_workers=2))
 
 

@@ -244,7 +244,7 @@ def test_resume_on_other_data_or_seed_or_too_few_shards_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"shuffled with seed 5, this run uses 6; keep experiment.seed"):
         loader(root, seed=6).load_state_dict(two.state_dict())
     other = make_dataset(tmp_path / "other", [[4, 4, 4]] * 3)
-    with pytest.raises(DataError, match=r"data.shards: 3 shards cannot feed 2 ranks x 2 workers; write at least 4"):
+    with pytest.raises(DataError, match=r"data.shards: 3 shards cannot feed 4 row streams; write at least 4"):
         loader(other).load_state_dict({**two.state_dict(), "data_id": loader(other).state.data_id})
     with pytest.raises(DataError, match=r"trained on other shards"):
         loader(other).load_state_dict(two.state_dict())
