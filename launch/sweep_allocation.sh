@@ -91,5 +91,11 @@ tuned experiment=sweep_tiny_r10 scaling.allocation_ratio=0,0.2 optim.lr=2.4e-2 e
 tuned experiment=sweep_tiny_3x scaling.allocation_ratio=1.0 optim.lr=6e-3 experiment.seed=1235
 tuned experiment=sweep_tiny_r10 scaling.allocation_ratio=1.0 optim.lr=6e-3 experiment.seed=1235
 wait $r10
+# A third seed where two disagreed (the 3x MoE at 1.2e-2), and the null-memory control's second seed.
+tuned experiment=sweep_tiny_3x scaling.allocation_ratio=1.0 optim.lr=1.2e-2 experiment.seed=1236
+for budget in sweep_tiny_3x sweep_tiny_r10; do
+  train experiment=$budget scaling.allocation_ratio=0.6 engram.null_memory=true scaling.series=null_memory optim.lr=1.2e-2 \
+    experiment.seed=1235
+done
 $PY -m engram_train.sweep analyze outputs/sweeps/sweep_tiny outputs/sweeps/sweep_tiny_3x outputs/sweeps/sweep_tiny_r10 --infinite-memory \
   --out docs/results/allocation_ratio
