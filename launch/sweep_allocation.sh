@@ -76,8 +76,8 @@ r10=$!
 tuned experiment=sweep_tiny_r10 scaling.allocation_ratio=$RHOS optim.lr=6e-3
 wait $r10
 # Seeds and brackets (session 2026-12-03b): tiny_r10 seed 1235 at 1.2e-2 and the whole curve at 2.4e-2; rho 0 above the
-# top of its grid at both sparsities (4.8e-2); rho 0/0.2 at 2.4e-2 with a second seed; 3x seed 1235 over the whole
-# curve at 1.2e-2; the pure MoE's second seed at 6e-3, its best rate once its 1.2e-2 seeds disagreed.
+# top of its grid at both sparsities (4.8e-2); rho 0/0.2 at 2.4e-2 with a second seed; the tiny_r10 pure MoE's second
+# seed at 6e-3 (3x has its second seed at 6e-3 and its 1.2e-2 curve for seed 1235 from the blocks above).
 (
   tuned experiment=sweep_tiny_r10 scaling.allocation_ratio=$RHOS optim.lr=1.2e-2 experiment.seed=1235
   tuned experiment=sweep_tiny_r10 scaling.allocation_ratio=0.4,0.6,0.8,0.9 optim.lr=2.4e-2
@@ -85,10 +85,8 @@ wait $r10
 r10=$!
 tuned experiment=sweep_tiny_r10 scaling.allocation_ratio=0,0.2,1.0 optim.lr=2.4e-2
 tuned experiment=sweep_tiny_3x scaling.allocation_ratio=0 optim.lr=4.8e-2
-tuned experiment=sweep_tiny_3x scaling.allocation_ratio=$RHOS optim.lr=1.2e-2 experiment.seed=1235
 tuned experiment=sweep_tiny_r10 scaling.allocation_ratio=0 optim.lr=4.8e-2
 tuned experiment=sweep_tiny_r10 scaling.allocation_ratio=0,0.2 optim.lr=2.4e-2 experiment.seed=1235
-tuned experiment=sweep_tiny_3x scaling.allocation_ratio=1.0 optim.lr=6e-3 experiment.seed=1235
 tuned experiment=sweep_tiny_r10 scaling.allocation_ratio=1.0 optim.lr=6e-3 experiment.seed=1235
 wait $r10
 # A third seed where two disagreed (the 3x MoE at 1.2e-2), and the null-memory control's second seed.
