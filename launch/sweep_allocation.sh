@@ -3,7 +3,7 @@
 # Every block is one Hydra multirun; each job trains in outputs/sweeps/<sweep>/<its overrides> and resumes from
 # its own checkpoints, so re-running this script after an interruption continues where it stopped (a finished
 # job only re-evaluates and rewrites its result.json).
-#   bash launch/sweep_allocation.sh            # ~6 h on 2 CPU cores (estimated from the runs' times)
+#   bash launch/sweep_allocation.sh            # ~9 h on 2 CPU cores (estimated from the runs' times)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -95,5 +95,18 @@ for budget in sweep_tiny_3x sweep_tiny_r10; do
   train experiment=$budget scaling.allocation_ratio=0.6 engram.null_memory=true scaling.series=null_memory optim.lr=1.2e-2 \
     experiment.seed=1235
 done
-$PY -m engram_train.sweep analyze outputs/sweeps/sweep_tiny outputs/sweeps/sweep_tiny_3x outputs/sweeps/sweep_tiny_r10 --infinite-memory \
+# Budget tiny_r10_3x (session 2026-12-03c): the paper's sparsity at three times the tokens (~36 per parameter), where
+# expert capacity has the most room to bind; each arm at its tiny_r10 rate (MoE 6e-3, Engram 1.2e-2), then the brackets.
+(
+  tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=1.0 optim.lr=6e-3
+  tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.6,0.2,0.9 optim.lr=1.2e-2
+  tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=1.0 optim.lr=1.2e-2
+) &
+r10_3x=$!
+tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0 optim.lr=1.2e-2
+tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.8,0.4 optim.lr=1.2e-2
+tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0 optim.lr=2.4e-2
+wait $r10_3x
+$PY -m engram_train.sweep analyze outputs/sweeps/sweep_tiny outputs/sweeps/sweep_tiny_3x outputs/sweeps/sweep_tiny_r10 \
+  outputs/sweeps/sweep_tiny_r10_3x --infinite-memory \
   --out docs/results/allocation_ratio
