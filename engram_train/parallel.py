@@ -162,9 +162,15 @@ _PEER_FAILURE_SIGNS = ("gloo", "connection", "timed out", "timeout", "nccl", "pe
 
 
 def explain_peer_failure(error: RuntimeError, dims: ParallelDims) -> RuntimeError:
-    """Turn a backend error from a collective into a message that names the likely dead rank and what to do."""
+    """Turn a backend error from a collective into a message that names the likely dead rank and what to do.
+
+    Only the backends' own errors (torch's DistError family, and the plain RuntimeError gloo raises) are read:
+    the framework's errors (DataError, CheckpointError, ...) say what to fix themselves and keep their type, even
+    when their text happens to contain "timeout" or "connection".
+    """
     text = str(error).lower()
-    if dims.world == 1 or isinstance(error, PeerFailureError) or not any(s in text for s in _PEER_FAILURE_SIGNS):
+    from_backend = type(error) is RuntimeError or isinstance(error, dist.DistError)
+    if dims.world == 1 or not from_backend or not any(s in text for s in _PEER_FAILURE_SIGNS):
         return error
     silent = _silent_ranks(dims)
     if silent:
