@@ -6,7 +6,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from engram_train.config import Config, ConfigError, to_config
+from omegaconf import OmegaConf
+
+from engram_train.config import GROUPS, Config, ConfigError, to_config
 
 CONF = str(Path(__file__).resolve().parents[2] / "engram_train" / "conf")
 
@@ -66,3 +68,67 @@ def test_bad_value_names_the_key_and_the_allowed_range(override, key):
     message = str(error.value)
     assert message.startswith(key + "=")
     assert "must" in message or "choose one of" in message
+
+
+def group_options() -> list[tuple[str, Path]]:
+    """Every option of a schema group (conf/<group>/<option>.yaml). ``# @package _global_`` presets (the
+    sweep_* experiments) are left out: they set keys of several groups and pin the exact settings that
+    committed sweep results were produced with, defaults included."""
+    options = []
+    for group in GROUPS:
+        for path in sorted((Path(CONF) / group).glob("*.yaml")):
+            if "@package _global_" not in path.read_text().splitlines()[0]:
+                options.append((group, path))
+    return options
+
+
+def option_values(path: Path) -> dict:
+    """What an option file sets on top of its group's schema."""
+    values = OmegaConf.to_container(OmegaConf.load(path))
+    assert values.pop("defaults", None) == ["schema"], f"{path}: start with `defaults: [schema]`"
+    return values
+
+
+def repeated_defaults(values: dict, defaults: dict, prefix: str) -> list[str]:
+    repeated = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            repeated += repeated_defaults(value, defaults[key], f"{prefix}.{key}")
+        elif value == defaults[key]:
+            repeated.append(f"{prefix}.{key}={value!r}")
+    return repeated
+
+
+@pytest.mark.parametrize("group, path", group_options(), ids=lambda x: getattr(x, "stem", x))
+def test_group_option_sets_only_what_differs_from_the_schema(group, path):
+    """The schema (engram_train/config.py) is the one place a default is written; an option repeating one
+    would let the two drift apart."""
+    defaults = OmegaConf.to_container(OmegaConf.structured(GROUPS[group]))
+    repeated = repeated_defaults(option_values(path), defaults, group)
+    assert not repeated, f"{path.name} repeats the schema's defaults {repeated}; delete those lines"
+
+
+def schema_plus(options: dict[str, str]) -> Config:
+    """The schema's defaults with each chosen option's values merged on top."""
+    merged = OmegaConf.merge(
+        OmegaConf.structured(Config),
+        {group: option_values(Path(CONF) / group / f"{option}.yaml") for group, option in options.items()},
+    )
+    return OmegaConf.to_object(merged)
+
+
+def default_options() -> dict[str, str]:
+    """The option config.yaml's defaults list picks for each schema group."""
+    entries = OmegaConf.to_container(OmegaConf.load(Path(CONF) / "config.yaml"))["defaults"]
+    chosen = {key: value for entry in entries if isinstance(entry, dict) for key, value in entry.items()}
+    assert chosen.keys() >= {"model", "engram", "parallel", "data", "optim", "experiment"}, chosen
+    return {key: value for key, value in chosen.items() if key in GROUPS}
+
+
+def test_default_composition_is_the_schema_plus_the_default_options():
+    assert compose_config() == schema_plus(default_options())
+
+
+@pytest.mark.parametrize("group, path", group_options(), ids=lambda x: getattr(x, "stem", x))
+def test_each_option_composes_to_the_schema_plus_its_values(group, path):
+    assert compose_config(f"{group}={path.stem}") == schema_plus({**default_options(), group: path.stem})
