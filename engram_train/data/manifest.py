@@ -77,10 +77,6 @@ class Dataset:
     def seq_len(self) -> int:
         return int(self.manifest["seq_len"])
 
-    @property
-    def tokenizer_path(self) -> Path:
-        return self.path / "tokenizer.json"
-
     @cached_property
     def compression(self) -> np.ndarray:
         """int64 raw id -> canonical id table the Engram hasher needs."""
