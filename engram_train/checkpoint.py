@@ -10,7 +10,7 @@ Layout of ``<run_dir>/checkpoints/step_00000100/``:
 Everything is written into ``step_<n>.partial`` first; once every rank's files are on disk rank 0
 writes the marker and renames the folder, so a crash at any moment leaves either a complete checkpoint
 or an ignored partial one. Our files load with ``weights_only=True``: they hold tensors and plain
-Python values only; the backbone's DCP files load without running code too (``backbone.checkpoint``).
+Python values only; the backbone's DCP files load without running code too (``backbone.dcp_files``).
 
 ``meta.json`` records the sha256 of every other file of the folder. Resuming (``load_newest``) takes the
 newest complete checkpoint that verifies and loads: one that does not is reported (folder, file, reason),
@@ -57,7 +57,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import (
 )
 from torch.distributed.checkpoint.api import CheckpointException
 
-from engram_train.backbone.checkpoint import backbone_sharded_state_dict, load_backbone, read_dcp_metadata
+from engram_train.backbone.dcp_files import backbone_sharded_state_dict, load_backbone, read_dcp_metadata
 from engram_train.memory import checkpoint as table_files
 from engram_train.parallel import on_every_rank
 from engram_train.preemption import die_with_parent, ignore_stop_signals_and_die_with_parent, stop_signals_blocked

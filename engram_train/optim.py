@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from engram_train.backbone.checkpoint import adam_sharded_state_dict, init_adam_state, load_adam_state_dict
+from engram_train.backbone.dcp_files import adam_sharded_state_dict, init_adam_state, load_adam_state_dict
 from engram_train.config import ConfigError, OptimConfig
 from engram_train.grad_sync import backbone_grad_norm_sq, grad_of
 

@@ -140,7 +140,7 @@ def test_the_backbone_loader_refuses_payloads_even_unverified(original, tmp_path
     reads DCP and Megatron do themselves refuse a payload instead of running it, whatever verification missed."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    from engram_train.backbone.checkpoint import UnsafeCheckpointError, loading_without_code
+    from engram_train.backbone.dcp_files import UnsafeCheckpointError, loading_without_code
 
     evidence = tmp_path / "payload-ran"
     folder = tmp_path / "backbone"

@@ -1,4 +1,5 @@
-"""The backbone's checkpoint as a layout-free sharded state dict (model + Adam moments).
+"""The backbone's checkpoint files (a step folder's ``backbone/``): what they hold, a layout-free sharded state
+dict of the model and its Adam moments, and how they are read without running code.
 
 Megatron's ``sharded_state_dict`` names every tensor by its global key, shape and this rank's offset;
 Megatron's optimizer helpers attach the same sharding to each Adam moment. ``dist_checkpointing`` then
