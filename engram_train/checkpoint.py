@@ -58,7 +58,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import (
 from torch.distributed.checkpoint.api import CheckpointException
 
 from engram_train.backbone.dcp_files import backbone_sharded_state_dict, load_backbone, read_dcp_metadata
-from engram_train.memory import checkpoint as table_files
+from engram_train.memory import table_files
 from engram_train.parallel import on_every_rank
 from engram_train.preemption import die_with_parent, ignore_stop_signals_and_die_with_parent, stop_signals_blocked
 

@@ -352,15 +352,15 @@ class ShardedEngramTable:
 
     # -- checkpoint ------------------------------------------------------------------------------
     def save(self, path: str) -> None:
-        """Write this rank's rows and optimizer rows under ``path`` (collective; see checkpoint.py)."""
-        from engram_train.memory.checkpoint import save_table
+        """Write this rank's rows and optimizer rows under ``path`` (collective; see table_files.py)."""
+        from engram_train.memory.table_files import save_table
 
         self.wait_for_prefetch()
         save_table(self, path)
 
     def load(self, path: str) -> None:
-        """Load a checkpoint written at any world size (collective; see checkpoint.py)."""
-        from engram_train.memory.checkpoint import load_table
+        """Load a checkpoint written at any world size (collective; see table_files.py)."""
+        from engram_train.memory.table_files import load_table
 
         self.wait_for_prefetch()
         load_table(self, path)
