@@ -36,26 +36,34 @@ class MetricsLogger:
         self.jsonl_path = run_dir / "metrics.jsonl"
         self._truncate_after(resume_step)
         self._jsonl = self.jsonl_path.open("a")
+        self.clean_exit_code = 0  # what close() reports without an error: 0, or the requeue code when preempted
         if wandb.mode != "disabled":
-            import wandb as wandb_sdk
+            try:
+                self._open_wandb(run_dir, config=config, wandb=wandb, name=name, tags=tags)
+            except BaseException:  # W&B may already be running: finish it as failed and close the file
+                self.close(exit_code=1)
+                raise
 
-            os.environ.setdefault("WANDB_SILENT", "true")
-            # One W&B run id per run folder: every resume appends to the same W&B run.
-            run_id_file = run_dir / "wandb_run_id"
-            run_id = run_id_file.read_text().strip() if run_id_file.exists() else secrets.token_hex(4)
-            run_id_file.write_text(run_id)
-            self.wandb_run = wandb_sdk.init(
-                project=wandb.project, entity=wandb.entity, name=name, group=wandb.group or None, job_type=wandb.job_type,
-                tags=tags or None, id=run_id, resume="allow", mode=wandb.mode, dir=str(run_dir), config=config,
-                settings=wandb_sdk.Settings(console="wrap" if wandb.console else "off",
-                                            x_disable_stats=not wandb.system_metrics),
-            )
-            self.wandb_dir = str(Path(self.wandb_run.dir).parent)
-            # Curves against tokens as well as steps: runs of different batch sizes compare on one axis.
-            self.wandb_run.define_metric("tokens")
-            for key in _TOKEN_AXIS_KEYS:
-                self.wandb_run.define_metric(key, step_metric="tokens")
-            self._continue_wandb_history(run_dir / "wandb", run_id)
+    def _open_wandb(self, run_dir: Path, *, config: dict, wandb: WandbConfig, name: str, tags: list[str] | None) -> None:
+        import wandb as wandb_sdk
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        # One W&B run id per run folder: every resume appends to the same W&B run.
+        run_id_file = run_dir / "wandb_run_id"
+        run_id = run_id_file.read_text().strip() if run_id_file.exists() else secrets.token_hex(4)
+        run_id_file.write_text(run_id)
+        self.wandb_run = wandb_sdk.init(
+            project=wandb.project, entity=wandb.entity, name=name, group=wandb.group or None, job_type=wandb.job_type,
+            tags=tags or None, id=run_id, resume="allow", mode=wandb.mode, dir=str(run_dir), config=config,
+            settings=wandb_sdk.Settings(console="wrap" if wandb.console else "off",
+                                        x_disable_stats=not wandb.system_metrics),
+        )
+        self.wandb_dir = str(Path(self.wandb_run.dir).parent)
+        # Curves against tokens as well as steps: runs of different batch sizes compare on one axis.
+        self.wandb_run.define_metric("tokens")
+        for key in _TOKEN_AXIS_KEYS:
+            self.wandb_run.define_metric(key, step_metric="tokens")
+        self._continue_wandb_history(run_dir / "wandb", run_id)
 
     def _continue_wandb_history(self, wandb_dir: Path, run_id: str) -> None:
         """Leave each step in the W&B run exactly once across resumes: what earlier segments lost (a killed
@@ -116,13 +124,21 @@ class MetricsLogger:
             for key, value in values.items():
                 self.wandb_run.summary[key] = _plain(value)
 
-    def close(self, exit_code: int = 0) -> None:
-        """Close the metrics file and finish the W&B run with the run's exit code (1 marks it failed); idempotent."""
+    def preempted(self, exit_code: int) -> None:
+        """The run stops for requeue: W&B marks it preempting, and close() finishes it with the requeue exit code,
+        so it reads as preempted (to be resumed into the same W&B run), neither finished nor failed."""
+        self.clean_exit_code = exit_code
+        if self.wandb_run is not None:
+            self.wandb_run.mark_preempting()
+
+    def close(self, exit_code: int | None = None) -> None:
+        """Close the metrics file and finish the W&B run with the run's exit code (1 marks it failed; None: 0, or
+        the requeue code after preempted()); idempotent."""
         if not self.enabled or self._jsonl.closed:
             return
         self._jsonl.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish(exit_code=exit_code)
+            self.wandb_run.finish(exit_code=self.clean_exit_code if exit_code is None else exit_code)
 
 
 def use_own_wandb_service() -> None:

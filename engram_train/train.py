@@ -204,7 +204,7 @@ def open_logger(run: TrainingRun, state: TrainState, allocation: AllocationPlan 
     logger = MetricsLogger(Path(x.run_dir), config={**OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True), **record},
                            wandb=x.wandb, name=x.wandb.name or x.name, tags=run_tags(cfg, allocation),
                            enabled=run.dims.is_main, resume_step=state.step, total_steps=run.plan.total_steps)
-    stack.push(lambda kind, error, trace: logger.close(exit_code=0 if kind is None else 1))
+    stack.push(lambda kind, error, trace: logger.close(exit_code=None if kind is None else 1))
     if x.wandb.log_checkpoints:
         run.checkpointer.on_sealed = logger.log_checkpoint
     if state.step == 0:
@@ -353,6 +353,7 @@ def finish(run: TrainingRun, state: TrainState, logger: MetricsLogger, summary: 
                     "data_parallel_size": run.dims.dp,
                     **{f"params/{k}": v for k, v in run.accounting.to_dict().items()}})
     if summary["preempted"]:
+        logger.preempted(REQUEUE_EXIT_CODE)
         return
     logger.print(format_summary(summary, run.accounting))
     if run.dims.is_main:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from engram_train import wandb_history
 from engram_train.checkpoint import MARKER, CheckpointError, Checkpointer
 from engram_train.preemption import REQUEUE_EXIT_CODE
 from engram_train.train import NonFiniteLossError, train
@@ -39,9 +40,10 @@ CLI_OVERRIDES = [o for o in TINY_OVERRIDES if not o.startswith("data.num_workers
 
 
 def _args(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
+    wandb = [] if any(e.startswith("experiment.wandb.mode=") for e in extra) else ["experiment.wandb.mode=disabled"]
     return [*CLI_OVERRIDES, f"data.path={dataset}", f"experiment.run_dir={run_dir}",
             f"experiment.total_tokens={STEPS * 1024}", "experiment.log_every=1", "experiment.eval_every=1000",
-            "experiment.wandb.mode=disabled", *extra]
+            *wandb, *extra]
 
 
 def _env() -> dict:
@@ -116,7 +118,7 @@ def test_sigterm_to_the_process_group_checkpoints_exits_for_requeue_and_resume_c
     _run(_single(tiny_dataset, reference))
 
     run_dir = tmp_path / "preempted"
-    process, log = _start(_single(tiny_dataset, run_dir), tmp_path / "preempted.log")
+    process, log = _start(_single(tiny_dataset, run_dir, "experiment.wandb.mode=offline"), tmp_path / "preempted.log")
     try:
         _wait_for_step(run_dir, 2, process)
         (worker,) = _loader_workers(process.pid)
@@ -136,8 +138,14 @@ def test_sigterm_to_the_process_group_checkpoints_exits_for_requeue_and_resume_c
     assert 4 <= stopped_at < STEPS
     assert "SIGTERM" in output and "DataLoader worker" not in output, output[-3000:]
 
-    _run(_single(tiny_dataset, run_dir))
+    _run(_single(tiny_dataset, run_dir, "experiment.wandb.mode=offline"))
     assert _losses(run_dir) == _losses(reference), "the resumed run must continue the same loss curve exactly"
+    # One W&B run: its first segment finished as preempted with the requeue code, the resumed one as finished.
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    ends = [[(r.WhichOneof("record_type"), r.exit.exit_code) for r in wandb_history.records(segment)
+             if r.WhichOneof("record_type") in ("preempting", "exit")]
+            for segment in wandb_history.segment_logs(run_dir / "wandb", run_id)]
+    assert ends == [[("preempting", 0), ("exit", REQUEUE_EXIT_CODE)], [("exit", 0)]], ends
 
 
 def test_kill_9_of_one_torchrun_rank_or_sigterm_to_torchrun_then_relaunch_resumes_exactly(tiny_dataset, tmp_path):

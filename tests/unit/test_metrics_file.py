@@ -29,3 +29,39 @@ def test_each_step_once_after_crashes_before_and_after_the_first_checkpoint(tmp_
     _session(tmp_path, 4, range(5, 8), crash_mid_line=True)  # resumed from the step-4 checkpoint
     _session(tmp_path, 6, range(7, 9))
     assert _steps(tmp_path) == list(range(9))
+
+
+def _exit_records(run_dir) -> list[tuple[str, int]]:
+    """The preempting and exit records of the run's W&B transaction log, read back through wandb's protobufs."""
+    from engram_train import wandb_history
+
+    (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    kinds = [(r.WhichOneof("record_type"), r) for r in wandb_history.records(log)]
+    return [(k, r.exit.exit_code if k == "exit" else 0) for k, r in kinds if k in ("preempting", "exit")]
+
+
+def test_wandb_finishes_preempted_with_the_requeue_code_and_failed_when_opening_fails(tmp_path, monkeypatch):
+    """A run stopped for requeue reads as preempted in W&B (not finished, not failed); a failure after wandb.init
+    inside the logger's own start leaves no W&B run open."""
+    import pytest
+    import wandb
+
+    from engram_train import metrics
+    from engram_train.preemption import REQUEUE_EXIT_CODE
+
+    offline = WandbConfig(mode="offline", console=False, system_metrics=False)
+    logger = MetricsLogger(tmp_path / "preempted", config={}, wandb=offline, name="n")
+    logger.log(1, {"loss": 1.0}, console=False)
+    logger.preempted(REQUEUE_EXIT_CODE)
+    logger.close()
+    assert wandb.run is None
+    assert _exit_records(tmp_path / "preempted") == [("preempting", 0), ("exit", REQUEUE_EXIT_CODE)]
+
+    def unreadable(*args, **kwargs):
+        raise OSError("wandb/offline-run-x/run-x.wandb: Input/output error")
+
+    monkeypatch.setattr(metrics.wandb_history, "held_through", unreadable)
+    with pytest.raises(OSError, match="Input/output error"):
+        MetricsLogger(tmp_path / "broken", config={}, wandb=offline, name="n")
+    assert wandb.run is None, "the W&B run opened before the failure is finished"
+    assert _exit_records(tmp_path / "broken") == [("exit", 1)]
