@@ -4,7 +4,7 @@ Layout of ``<run_dir>/checkpoints/step_00000100/``:
 - ``backbone/``: model and AdamW state through Megatron's ``dist_checkpointing`` on its ``torch_dist``
   backend, i.e. ``torch.distributed.checkpoint`` files addressed by global tensor names and offsets,
   so a checkpoint written at one TP/EP layout loads at any other;
-- the Engram table's shard files (``ShardedEngramTable.save``; they reshard to any world size too);
+- the Engram table's shard and meta files (``memory.table_files``; they reshard to any world size too);
 - ``rank_<r>.pt``: what is per rank (RNG states, counters);
 - ``meta.json`` (with the loader's global position, which resumes at any data-parallel size) and ``COMPLETE``.
 Everything is written into ``step_<n>.partial`` first; once every rank's files are on disk rank 0
@@ -20,8 +20,8 @@ left by a crash are removed when a run starts.
 With ``experiment.checkpoint_async=true`` the step boundary only plans the save and forks a writer
 process per rank (Megatron's ``TemporalAsyncCaller``): the fork is the consistent snapshot (the
 child sees memory as it was at the fork, copy-on-write, while the trainer goes on updating its own),
-and the child writes the backbone, the table shard and ``rank_<r>.pt``, that file last. Sealing
-(table meta, ``meta.json``, marker, rename, pruning) is collective, so it happens at a step boundary
+and the child writes the backbone, the table files and ``rank_<r>.pt``, that file last. Sealing
+(``meta.json``, marker, rename, pruning) is collective, so it happens at a step boundary
 that every rank agrees on: ``poll()`` all-reduces "my writer has finished" each step while a save is in
 flight, as Megatron's ``AsyncCallsQueue`` does, and ``finalize()`` waits; the trainer finalizes
 before the next save, after the last step and before a preemption exit.
@@ -160,15 +160,14 @@ class Checkpointer:
         meta = {**meta, "step": step, "world": self.world, "dp_rank_of_rank": _gather_objects(rank_state["dp_rank"]),
                 "backbone_optimizer": optimizer.kind, "backbone_optimizer_layout": optimizer.fixed_layout}
         backbone = backbone_sharded_state_dict(model, optimizer)
-        # One protocol either way: the backbone through DCP, this rank's table shard, then rank_<r>.pt (each rank's
-        # last file); _seal checks every rank's, writes the table meta and seals. Sync runs it here, async in a
-        # forked writer on a snapshot.
-        shard, table_meta = _table_snapshot(table) if table is not None else (None, None)
+        # One protocol either way: the backbone through DCP, this rank's table files, then rank_<r>.pt (each rank's
+        # last file); _seal checks every rank's and seals. Sync runs it here, async in a forked writer on a snapshot.
+        table_snapshot = table_files.snapshot_table(table) if table is not None else None
         if not self.async_save:
             with _forked_writers_die_with_trainer(), self._write_errors_explained(partial):
                 dist_checkpointing.save(backbone, str(partial / "backbone"))
-                _write_rank_files(partial, self.rank, shard, rank_state)
-                self._seal(partial, final, meta, table_meta)
+                _write_rank_files(partial, self.rank, table_snapshot, rank_state)
+                self._seal(partial, final, meta)
             return final
 
         with _forked_writers_die_with_trainer(), self._write_errors_explained(partial):
@@ -178,8 +177,8 @@ class Checkpointer:
             backbone_args[1] = request.preload_fn()
         writer = AsyncRequest(
             _forked_writer,
-            (request.async_fn, backbone_args, request.async_fn_kwargs, partial, self.rank, shard, rank_state),
-            [*request.finalize_fns, bind(self._seal, partial, final, meta, table_meta)],
+            (request.async_fn, backbone_args, request.async_fn_kwargs, partial, self.rank, table_snapshot, rank_state),
+            [*request.finalize_fns, bind(self._seal, partial, final, meta)],
         )
         with _forked_writers_die_with_trainer():
             self._calls.schedule_async_request(writer)
@@ -237,7 +236,7 @@ class Checkpointer:
         sealed, self.in_flight = self.in_flight, None
         return sealed
 
-    def _seal(self, partial: Path, final: Path, meta: dict[str, Any], table_meta: dict[str, Any] | None) -> None:
+    def _seal(self, partial: Path, final: Path, meta: dict[str, Any]) -> None:
         """Collective: once every rank's files are on disk, rank 0 writes the marker and renames the folder."""
         # rank_<r>.pt is each rank's last file: where one is missing that rank's writer failed.
         if not on_every_rank((partial / f"rank_{self.rank}.pt").exists()):
@@ -245,8 +244,6 @@ class Checkpointer:
                 f"{partial}: a rank's checkpoint writer failed (see that rank's log); the folder stays partial "
                 "and is ignored on resume"
             )
-        if table_meta is not None:  # the table shards are on disk (every rank's rank_<r>.pt is): its meta may now be written
-            table_files.write_table_meta(table_meta, partial)
         if self.rank == 0:
             meta = {**meta, "sha256": {name: file_sha256(partial / name) for name in _checked_files(partial)}}
             table_files.atomic_write(partial / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
@@ -406,7 +403,7 @@ class Checkpointer:
             )
         load_backbone(model, optimizer, path / "backbone")
         if table is not None:
-            table.load(path)
+            table_files.load_table(table, path)
         state = torch.load(path / f"rank_{source[dp_rank % saved_dp]}.pt", map_location="cpu", weights_only=True)
         if "loader" in meta:
             state["loader"] = meta["loader"]
@@ -416,29 +413,19 @@ class Checkpointer:
         return state, meta
 
 
-def _table_snapshot(table) -> tuple[tuple[str, dict[str, Any]], dict[str, Any] | None]:
-    """This rank's table shard (file name, content) and (table rank 0) the table meta.
-
-    The rows are not copied: a synchronous save writes them before training goes on, and an asynchronous
-    writer is a forked process, which sees them as they are now.
-    """
-    table.wait_for_prefetch()
-    return table_files.table_shard(table), table_files.table_meta(table) if table.rank == 0 else None
-
-
-def _write_rank_files(folder: Path, rank: int, shard, rank_state) -> None:
-    """A rank's files after its backbone part: the table shard, then rank_<r>.pt (its last), each fsynced."""
-    if shard is not None:
-        name, rows = shard
-        atomic_torch_save(rows, folder / name)
+def _write_rank_files(folder: Path, rank: int, table_snapshot: table_files.TableSnapshot | None, rank_state) -> None:
+    """A rank's files after its backbone part: its table files, then rank_<r>.pt (its last), each fsynced."""
+    if table_snapshot is not None:
+        table_files.write_table_files(table_snapshot, folder)
     atomic_torch_save(rank_state, folder / f"rank_{rank}.pt")
 
 
-def _forked_writer(backbone_fn, backbone_args, backbone_kwargs, folder: Path, rank: int, shard, rank_state) -> None:
+def _forked_writer(backbone_fn, backbone_args, backbone_kwargs, folder: Path, rank: int, table_snapshot,
+                   rank_state) -> None:
     """Body of an asynchronous save's forked writer: the backbone (Megatron's writer), then the rank's files."""
     torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool
     backbone_fn(*backbone_args, **backbone_kwargs)
-    _write_rank_files(folder, rank, shard, rank_state)
+    _write_rank_files(folder, rank, table_snapshot, rank_state)
 
 
 def _init_writer_manager(trainer_pid: int) -> None:

@@ -351,17 +351,13 @@ class ShardedEngramTable:
         return out
 
     # -- checkpoint ------------------------------------------------------------------------------
-    def save(self, path: str) -> None:
-        """Write this rank's rows and optimizer rows under ``path`` (collective; see table_files.py)."""
-        from engram_train.memory.table_files import save_table
-
+    def restore(self, rows: torch.Tensor, local_ids: torch.Tensor, state: dict[str, torch.Tensor], *,
+                step: int) -> None:
+        """Replace this rank's rows, the optimizer rows of ``local_ids`` and the step count (a checkpoint's, as
+        ``table_files.load_table`` assembles them); pending gradients are dropped and a prefetch is stale."""
         self.wait_for_prefetch()
-        save_table(self, path)
-
-    def load(self, path: str) -> None:
-        """Load a checkpoint written at any world size (collective; see table_files.py)."""
-        from engram_train.memory.table_files import load_table
-
-        self.wait_for_prefetch()
-        load_table(self, path)
+        self.optim.import_state(local_ids, state)
+        self.rows = rows
+        self.step_count = step
+        self.zero_grad()
         self.version += 1

@@ -1,20 +1,21 @@
-"""Save/load the sharded table; loading reshards to any world size.
+"""The table's files in a checkpoint folder: what each holds, how a rank writes its own, how any world size reads them.
 
-Layout of a table checkpoint directory:
     table-meta.json                       shape, dtype, optimizer, fingerprint, step, shard ranges
     table-shard-00000-of-00002.pt         rows [start, end) + optimizer rows of touched rows only
 
-Each rank writes its own shard (tmp file + fsync + rename); rank 0 writes the meta last, after a
-barrier, and removes any old meta before the shards are rewritten, so a directory with a meta is
-always complete. Loading reads only the shards whose ranges overlap the rank's new range (with
-``mmap``, so only the needed rows are paged in), and every check runs before anything is replaced:
-a mismatched checkpoint leaves the table untouched.
+One way to write them: ``snapshot_table`` at a step boundary, then ``write_table_files`` on every rank (table rank
+0 writes the meta beside its shard). Writing is rank-local, so the Checkpointer runs it in the trainer or in a
+forked asynchronous writer alike; a folder is whole only once every rank has written, which is what the
+Checkpointer's marker says. Loading reads only the shards whose ranges overlap the rank's new range (with
+``mmap``, so only the needed rows are paged in), and every check runs before anything is replaced: a
+mismatched checkpoint leaves the table untouched.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,11 +42,22 @@ def atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def table_shard(table: ShardedEngramTable) -> tuple[str, dict]:
-    """This rank's shard file name and content: rows, and optimizer rows of touched rows only.
+@dataclass(frozen=True)
+class TableSnapshot:
+    """A rank's table files as of one step: its shard file's name and content and, on table rank 0, the meta.
 
-    The content holds the live tensors (no copy); an asynchronous writer must snapshot them.
+    The shard holds the live rows (no copy): a synchronous save writes them before training goes on, and an
+    asynchronous writer is a forked process, which sees them as they were at the fork.
     """
+
+    shard_name: str
+    shard: dict
+    meta: dict | None
+
+
+def snapshot_table(table: ShardedEngramTable) -> TableSnapshot:
+    """What this rank's table files will hold, taken at a step boundary (after any prefetch has finished)."""
+    table.wait_for_prefetch()
     touched, state = table.optim.export_state()
     shard = {
         "start": table.start,
@@ -54,12 +66,7 @@ def table_shard(table: ShardedEngramTable) -> tuple[str, dict]:
         "state_ids": touched + table.start,  # global ids, so any later range can pick its own
         "state": state,
     }
-    return _shard_name(table.rank, table.world), shard
-
-
-def table_meta(table: ShardedEngramTable) -> dict:
-    """What ``table-meta.json`` records; identical on every rank."""
-    return {
+    meta = {
         "format": FORMAT,
         "num_rows": table.num_rows,
         "dim": table.dim,
@@ -71,25 +78,15 @@ def table_meta(table: ShardedEngramTable) -> dict:
         "bounds": table.sharding.bounds,
         "files": [_shard_name(r, table.world) for r in range(table.world)],
     }
+    return TableSnapshot(_shard_name(table.rank, table.world), shard, meta if table.rank == 0 else None)
 
 
-def write_table_meta(meta: dict, root: Path) -> None:
-    atomic_write(root / META, lambda f: f.write(json.dumps(meta, indent=1, sort_keys=True).encode()))
-
-
-def save_table(table: ShardedEngramTable, path: str | os.PathLike) -> None:
-    """Collective over the table group: every rank writes its shard, rank 0 the meta."""
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    if table.rank == 0:
-        (root / META).unlink(missing_ok=True)
-    table.exchange.barrier()
-    name, shard = table_shard(table)
-    atomic_write(root / name, lambda f: torch.save(shard, f))
-    table.exchange.barrier()
-    if table.rank == 0:
-        write_table_meta(table_meta(table), root)
-    table.exchange.barrier()
+def write_table_files(snapshot: TableSnapshot, folder: str | os.PathLike) -> None:
+    """This rank's table files into ``folder``, each atomically: its shard and (table rank 0) the meta. No collective."""
+    folder = Path(folder)
+    atomic_write(folder / snapshot.shard_name, lambda f: torch.save(snapshot.shard, f))
+    if snapshot.meta is not None:
+        atomic_write(folder / META, lambda f: f.write(json.dumps(snapshot.meta, indent=1, sort_keys=True).encode()))
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -120,7 +117,8 @@ def check_compatible(table: ShardedEngramTable, meta: dict) -> None:
 
 
 def load_table(table: ShardedEngramTable, path: str | os.PathLike) -> None:
-    """Collective-free: each rank assembles its new range from the overlapping old shards.
+    """Load table files written at any world size; no collective: each rank assembles its new range from the
+    overlapping old shards.
 
     A different ``table_dtype`` is allowed (rows are cast); everything else must match.
     """
@@ -150,7 +148,4 @@ def load_table(table: ShardedEngramTable, path: str | os.PathLike) -> None:
     state = {k: torch.cat([p[k] for p in state_parts]) for k in names} if state_parts else {
         k: torch.empty((0, *v.shape[1:])) for k, v in table.optim.state.items()
     }
-    table.optim.import_state(local_ids, state)
-    table.rows = rows
-    table.step_count = int(meta["step"])
-    table.zero_grad()
+    table.restore(rows, local_ids, state, step=int(meta["step"]))

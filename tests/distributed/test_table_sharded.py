@@ -21,6 +21,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", kernel_cache_dir())
 
 from engram_train.memory import ShardedEngramTable  # noqa: E402
 from engram_train.memory.table import init_rows  # noqa: E402
+from engram_train.memory.table_files import load_table, snapshot_table, write_table_files  # noqa: E402
 from tests.table_steps import train_table  # noqa: E402
 
 N, D, LR, STEPS, SEED = 1001, 8, 1e-2, 5, 5  # 1001 rows: ranges 501/500 and 334/334/333
@@ -102,12 +103,18 @@ def _train_worker(rank: int, world: int, store: str, use_cpu_adam: bool) -> None
         dist.destroy_process_group()
 
 
+def _save(table: ShardedEngramTable, folder) -> None:
+    """This rank's table files, written as the Checkpointer writes them into its step folder."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    write_table_files(snapshot_table(table), folder)
+
+
 def _save_worker(rank: int, world: int, store: str, ckpt: str) -> None:
     group = _init(rank, world, store)
     try:
         table = ShardedEngramTable(N, D, group=group, seed=SEED, use_cpu_adam=False, fingerprint=FINGERPRINT)
         _train(table, rank, prefetch=False)
-        table.save(ckpt)
+        _save(table, ckpt)
     finally:
         dist.destroy_process_group()
 
@@ -116,9 +123,9 @@ def _reshard_worker(rank: int, world: int, store: str, src: str, dst: str) -> No
     group = _init(rank, world, store)
     try:
         table = ShardedEngramTable(N, D, group=group, seed=99, use_cpu_adam=False, fingerprint=FINGERPRINT)
-        table.load(src)
+        load_table(table, src)
         assert table.step_count == STEPS
-        table.save(dst)
+        _save(table, dst)
     finally:
         dist.destroy_process_group()
 
@@ -141,9 +148,9 @@ def test_checkpoint_reshards_2_to_3_to_1_bit_exact(tmp_path):
         "table-meta.json", *[f"table-shard-{r:05d}-of-00003.pt" for r in range(3)]
     ]
     direct = ShardedEngramTable(N, D, seed=7, use_cpu_adam=False, fingerprint=FINGERPRINT)
-    direct.load(a)
+    load_table(direct, a)
     round_trip = ShardedEngramTable(N, D, seed=8, use_cpu_adam=False, fingerprint=FINGERPRINT)
-    round_trip.load(b)
+    load_table(round_trip, b)
     shards = [torch.load(Path(a) / f"table-shard-{r:05d}-of-00002.pt") for r in range(2)]
     original_rows = torch.cat([s["rows"] for s in shards])
     for t in (direct, round_trip):
@@ -161,7 +168,7 @@ def test_checkpoint_reshards_2_to_3_to_1_bit_exact(tmp_path):
 
 def test_checkpoint_mismatch_raises_and_leaves_table_untouched(tmp_path):
     table = ShardedEngramTable(50, 4, use_cpu_adam=False, fingerprint=FINGERPRINT)
-    table.save(tmp_path / "ck")
+    _save(table, tmp_path / "ck")
     cases = [
         (ShardedEngramTable(60, 4, use_cpu_adam=False, fingerprint=FINGERPRINT), "table shape 50x4"),
         (ShardedEngramTable(50, 4, use_cpu_adam=False, fingerprint={**FINGERPRINT, "seed": 1}), "hashing config seed"),
@@ -170,7 +177,7 @@ def test_checkpoint_mismatch_raises_and_leaves_table_untouched(tmp_path):
     for other, match in cases:
         before = other.rows.clone()
         with pytest.raises(ValueError, match=match):
-            other.load(tmp_path / "ck")
+            load_table(other, tmp_path / "ck")
         assert torch.equal(other.rows, before)
     with pytest.raises(FileNotFoundError, match="not a table checkpoint"):
-        table.load(tmp_path / "missing")
+        load_table(table, tmp_path / "missing")
