@@ -55,8 +55,8 @@ def matched_shared_expert(engram_cfg: Config) -> int:
 class Runner:
     def __init__(self, cfg: Config, dims: ParallelDims, groups, hasher: NgramHasher | None, prefetch: bool):
         self.cfg, self.dims, self.hasher = cfg, dims, hasher
-        self.model = build_model(cfg, vocab_size=VOCAB, dims=dims)
-        self.optimizer = configure_optimizer(self.model, cfg.optim, dims)
+        self.model, self.grad_sync = build_model(cfg, vocab_size=VOCAB, dims=dims)
+        self.optimizer = configure_optimizer(self.model, self.grad_sync, cfg.optim, dims)
         self.table = None
         if hasher is not None:
             self.table = ShardedEngramTable(hasher.num_rows, cfg.engram.head_dim, group=groups.table,
@@ -79,7 +79,7 @@ class Runner:
         times = []
         for _ in range(steps):
             start = time.perf_counter()
-            train_step(self.model, self.table, self.prefetcher, source, self.plan, self.dims)
+            train_step(self.model, self.grad_sync, self.table, self.prefetcher, source, self.plan, self.dims)
             apply_update(self.optimizer, self.table, lr=1e-3, table_lr=5e-3, clip_scale=1.0, dims=self.dims)
             times.append(time.perf_counter() - start)
         return times

@@ -12,9 +12,9 @@ every micro-batch but the last, ``finish`` after the last backward), giving the 
   as soon as its gradients are ready (``overlap_grad_reduce``), hidden behind the remaining backward on a
   GPU. It runs the same way on CPU with gloo, which is how CI tests the GPU default's logic.
 
-The strategy is attached to the model (``model.grad_sync``) by ``build_model``, the one place where a rank's
-model is parallelised (its TP/EP shard, then its gradient sync), so every caller of ``train_step`` gets the
-configured one without threading it through. This module holds every rule for reducing backbone gradients
+``build_model`` returns the strategy beside the model, the one place where a rank's model is parallelised (its
+TP/EP shard, then its gradient sync); ``train_step`` and the distributed optimizer take it from there. This
+module holds every rule for reducing backbone gradients
 (which group, which scale, sequence-parallel partial sums) and for their global norm; ``parallel`` only
 makes the process groups.
 """
@@ -108,7 +108,11 @@ class MegatronGradSync:
                 param.grad = param.main_grad
 
 
-def build_grad_sync(choice: str, model: torch.nn.Module, dims: ParallelDims, *, distributed_optimizer: bool = False):
+GradSync = CoalescedGradSync | MegatronGradSync
+
+
+def build_grad_sync(choice: str, model: torch.nn.Module, dims: ParallelDims, *,
+                    distributed_optimizer: bool = False) -> GradSync:
     """``choice`` is ``parallel.grad_sync`` (validated with the config). ``auto`` is Megatron's DDP on GPU
     (overlap pays there) and the coalesced all-reduce on CPU, where the backward already uses every core
     and an overlapped all-reduce only competes with it. ``distributed_optimizer`` (``optim.distributed``)

@@ -131,7 +131,7 @@ class MegatronDistributedAdam:
     description = "Megatron DistributedOptimizer (Adam state sharded over DP ranks)"
     kind = "megatron_distributed"
 
-    def __init__(self, model: torch.nn.Module, optim: OptimConfig):
+    def __init__(self, model: torch.nn.Module, grad_sync, optim: OptimConfig):
         from megatron.core import parallel_state
         from megatron.core.optimizer import get_megatron_optimizer
 
@@ -146,7 +146,7 @@ class MegatronDistributedAdam:
                              "ep": parallel_state.get_expert_model_parallel_world_size()}
 
         config = megatron_optimizer_config(optim, model.config.params_dtype)
-        self.optimizer = get_megatron_optimizer(config, [model.grad_sync.ddp], config_overrides=megatron_decay_overrides(),
+        self.optimizer = get_megatron_optimizer(config, [grad_sync.ddp], config_overrides=megatron_decay_overrides(),
                                                 use_gloo_process_groups=False)
         self.parts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
         # Megatron's own LR scheduler sets weight_decay from wd_mult; we set it once here.
@@ -196,9 +196,10 @@ class MegatronDistributedAdam:
                         param_state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
 
-def configure_optimizer(model: torch.nn.Module, optim: OptimConfig, dims) -> TorchAdamW | MegatronDistributedAdam:
-    """The backbone optimizer (``optim.distributed`` picks Megatron's; ``build_model`` checked it has a GPU)."""
-    return MegatronDistributedAdam(model, optim) if optim.distributed else TorchAdamW(model, optim, dims)
+def configure_optimizer(model: torch.nn.Module, grad_sync, optim: OptimConfig, dims) -> TorchAdamW | MegatronDistributedAdam:
+    """The backbone optimizer (``optim.distributed`` picks Megatron's, which steps on ``grad_sync``'s reduce-scattered
+    buffers; ``build_model`` checked it has a GPU)."""
+    return MegatronDistributedAdam(model, grad_sync, optim) if optim.distributed else TorchAdamW(model, optim, dims)
 
 
 @dataclass(frozen=True)

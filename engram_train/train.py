@@ -111,6 +111,7 @@ class TrainingRun:
     plan: StepPlan
     hasher: NgramHasher | None
     model: Any
+    grad_sync: Any
     optimizer: Any
     schedule: LRSchedule
     table: ShardedEngramTable | None
@@ -153,8 +154,8 @@ def build_run(cfg: Config, dims: ParallelDims, groups, checkpointer: Checkpointe
     dataset = open_dataset(cfg.data)
     plan = StepPlan.from_config(cfg, data_parallel_world=groups.data_parallel_world)
     hasher = build_hasher(cfg, dataset) if cfg.engram.enabled else None
-    model = build_model(cfg, vocab_size=dataset.vocab_size, dims=dims)
-    optimizer = configure_optimizer(model, cfg.optim, dims)
+    model, grad_sync = build_model(cfg, vocab_size=dataset.vocab_size, dims=dims)
+    optimizer = configure_optimizer(model, grad_sync, cfg.optim, dims)
     table = build_table(cfg, hasher, groups.table) if hasher is not None else None
     prefetcher = None
     if table is not None and prefetch_in_background(cfg, model, groups.table):
@@ -166,7 +167,8 @@ def build_run(cfg: Config, dims: ParallelDims, groups, checkpointer: Checkpointe
                                 eos_reset=cfg.engram.reset_at_doc_boundary, dataset=dataset)
     stack.callback(loader.close)
     return TrainingRun(
-        cfg=cfg, dims=dims, groups=groups, dataset=dataset, plan=plan, hasher=hasher, model=model, optimizer=optimizer,
+        cfg=cfg, dims=dims, groups=groups, dataset=dataset, plan=plan, hasher=hasher, model=model, grad_sync=grad_sync,
+        optimizer=optimizer,
         schedule=LRSchedule.from_config(cfg.optim, tokens_per_step=plan.tokens_per_step, total_steps=plan.total_steps),
         table=table, prefetcher=prefetcher, loader=loader, checkpointer=checkpointer, watch=watch,
         accounting=count_parameters(cfg), flops_per_token=flops_per_token(cfg, dataset.vocab_size),
@@ -225,7 +227,7 @@ def announce(run: TrainingRun, logger: MetricsLogger, allocation: AllocationPlan
         where = "prefetched on a background thread" if run.prefetcher else "on the critical path"
         logger.print(f"table lookups {where} (engram.prefetch={cfg.engram.prefetch})")
     if run.dims.world > 1:
-        logger.print(f"backbone gradients: {run.model.grad_sync.description} (parallel.grad_sync={cfg.parallel.grad_sync})")
+        logger.print(f"backbone gradients: {run.grad_sync.description} (parallel.grad_sync={cfg.parallel.grad_sync})")
     logger.print(f"backbone optimizer: {run.optimizer.description} (optim.distributed={cfg.optim.distributed})")
 
 
@@ -280,7 +282,7 @@ def train_loop(run: TrainingRun, state: TrainState, logger: MetricsLogger, lates
         val = run.evaluate()
     while state.step < plan.total_steps:
         lr, step_start = run.schedule(state.step), time.perf_counter()
-        result = train_step(run.model, run.table, run.prefetcher, run.loader, plan, run.dims)
+        result = train_step(run.model, run.grad_sync, run.table, run.prefetcher, run.loader, plan, run.dims)
         grad_norm = global_grad_norm(run.optimizer.grad_norm_sq(), result.table_grad_norm_sq, table_group=run.groups.table)
         update_or_skip(run, state, logger, loss=result.loss, grad_norm=grad_norm, lr=lr)
         seconds = time.perf_counter() - step_start

@@ -153,8 +153,9 @@ class EngramLookup:
         self.table.accumulate_grad(self.own_ids, grad if self.is_leader else grad[:0])
 
 
-def train_step(model, table, prefetcher, loader, plan: StepPlan, dims) -> StepResult:
-    """Forward/backward ``plan.accumulation`` micro-batches, then make gradients global (DP/TP/EP)."""
+def train_step(model, grad_sync, table, prefetcher, loader, plan: StepPlan, dims) -> StepResult:
+    """Forward/backward ``plan.accumulation`` micro-batches, then make gradients global (DP/TP/EP) with
+    ``grad_sync`` (``build_model``'s)."""
     model.train()
     model.moe_load.reset()
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / plan.accumulation))
@@ -169,7 +170,7 @@ def train_step(model, table, prefetcher, loader, plan: StepPlan, dims) -> StepRe
 
     batch = next(loader)
     lookup = start(batch)
-    model.grad_sync.start()
+    grad_sync.start()
     for micro in range(plan.accumulation):
         tokens = batch["tokens"].to(device, non_blocking=True)
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
@@ -181,7 +182,7 @@ def train_step(model, table, prefetcher, loader, plan: StepPlan, dims) -> StepRe
             # (prefetched) overlaps this one's backward.
             batch = next(loader)
             next_lookup = start(batch)
-        with model.grad_sync.no_sync() if micro + 1 < plan.accumulation else contextlib.nullcontext():
+        with grad_sync.no_sync() if micro + 1 < plan.accumulation else contextlib.nullcontext():
             (loss / plan.accumulation).backward()
         if lookup is not None:
             lookup.push_gradients()
@@ -189,7 +190,7 @@ def train_step(model, table, prefetcher, loader, plan: StepPlan, dims) -> StepRe
         losses.append(loss.detach())
         if micro + 1 < plan.accumulation:
             lookup = next_lookup
-    model.grad_sync.finish()
+    grad_sync.finish()
     loss = torch.stack(losses).mean()
     if dims.dp > 1:
         dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())

@@ -13,11 +13,13 @@ if not torch.cuda.is_available():
 
 from engram_train.backbone.model import EngramLayout, EngramMoEModel
 from engram_train.config import ConfigError
-from engram_train.grad_sync import build_grad_sync
+from engram_train.grad_sync import GradSync, build_grad_sync
 
 
-def build_model(cfg, *, vocab_size: int, dims) -> EngramMoEModel:
-    """Build the backbone for this rank's TP/EP shard; CPU compatibility is applied only without a GPU."""
+def build_model(cfg, *, vocab_size: int, dims) -> tuple[EngramMoEModel, GradSync]:
+    """The backbone for this rank's TP/EP shard and the strategy that makes its gradients global
+    (``parallel.grad_sync``): the one place a rank's model is parallelised. CPU compatibility is applied only
+    without a GPU."""
     on_cpu = not torch.cuda.is_available()
     if on_cpu and cfg.optim.distributed:
         raise ConfigError(
@@ -48,8 +50,7 @@ def build_model(cfg, *, vocab_size: int, dims) -> EngramMoEModel:
     )
     if not on_cpu:
         model = model.cuda()
-    model.grad_sync = build_grad_sync(cfg.parallel.grad_sync, model, dims, distributed_optimizer=cfg.optim.distributed)
-    return model
+    return model, build_grad_sync(cfg.parallel.grad_sync, model, dims, distributed_optimizer=cfg.optim.distributed)
 
 
 __all__ = ["EngramLayout", "EngramMoEModel", "build_model"]

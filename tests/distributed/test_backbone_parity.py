@@ -41,18 +41,18 @@ def _backbone(cfg, dims, grad_sync: str):
     from engram_train.optim import MegatronDistributedAdam, configure_optimizer
 
     if grad_sync != "distributed_optimizer":
-        model = build_model(cfg, vocab_size=VOCAB, dims=dims)
+        model, sync = build_model(cfg, vocab_size=VOCAB, dims=dims)
         if grad_sync != "auto":
             expected = {"coalesced": "CoalescedGradSync", "megatron_ddp": "MegatronGradSync"}[grad_sync]
-            assert type(model.grad_sync).__name__ == expected
-        return model, configure_optimizer(model, cfg.optim, dims)
+            assert type(sync).__name__ == expected
+        return model, sync, configure_optimizer(model, sync, cfg.optim, dims)
     from tests.distributed.cuda_on_cpu import redirect_megatron_cuda_to_cpu
 
     redirect_megatron_cuda_to_cpu()
-    model = build_model(cfg, vocab_size=VOCAB, dims=dims)
-    model.grad_sync.close()  # the CPU default's (bf16: its fp32 accumulation hooks)
-    model.grad_sync = MegatronGradSync(model, distributed_optimizer=True)
-    return model, MegatronDistributedAdam(model, cfg.optim)
+    model, cpu_default = build_model(cfg, vocab_size=VOCAB, dims=dims)
+    cpu_default.close()  # (bf16: its fp32 accumulation hooks)
+    sync = MegatronGradSync(model, distributed_optimizer=True)
+    return model, sync, MegatronDistributedAdam(model, sync, cfg.optim)
 
 
 def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetch: bool = False,
@@ -87,7 +87,7 @@ def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetc
     try:
         torch.manual_seed(0)
         hasher = NgramHasher.from_config(cfg.engram, np.arange(VOCAB, dtype=np.int64), pad_token_id=0)
-        model, optimizer = _backbone(cfg, dims, grad_sync)
+        model, sync, optimizer = _backbone(cfg, dims, grad_sync)
         table = ShardedEngramTable(hasher.num_rows, cfg.engram.head_dim, group=groups.table, lr=LR * 5,
                                    betas=(0.9, 0.95), seed=0, use_cpu_adam=False)
         prefetcher = TablePrefetcher(table) if prefetch else None
@@ -107,9 +107,9 @@ def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetc
                 checkpointer = Checkpointer(resume_dir, rank=rank, world=world, keep=1)
                 path = checkpointer.save(step, model=model, optimizer=optimizer, table=table,
                                          rank_state={"dp_rank": dp_rank}, meta={})
-                model, optimizer = _backbone(cfg, dims, grad_sync)
+                model, sync, optimizer = _backbone(cfg, dims, grad_sync)
                 checkpointer.load(path, model=model, optimizer=optimizer, table=table, dp_rank=dp_rank)
-            result = train_step(model, table, prefetcher, batches, plan, dims)
+            result = train_step(model, sync, table, prefetcher, batches, plan, dims)
             norm = global_grad_norm(optimizer.grad_norm_sq(), result.table_grad_norm_sq, table_group=groups.table)
             # the trainer's own update (its table gradient scale by the DP size is part of what is compared)
             apply_update(optimizer, table, lr=LR, table_lr=LR * 5, clip_scale=clip_coefficient(norm, 1.0), dims=dims)

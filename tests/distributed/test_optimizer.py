@@ -37,10 +37,10 @@ def _decay_groups() -> dict:
     dims = ParallelDims.from_config(cfg)
     init_process_groups(dims)
     try:
-        model = build_model(cfg, vocab_size=256, dims=dims)
+        model, grad_sync = build_model(cfg, vocab_size=256, dims=dims)
         names = {id(param): name for name, param in model.named_parameters()}
         torch_groups = TorchAdamW(model, cfg.optim, dims).optimizer.param_groups
-        megatron_groups = _get_param_groups([model.grad_sync.ddp], megatron_optimizer_config(cfg.optim),
+        megatron_groups = _get_param_groups([grad_sync.ddp], megatron_optimizer_config(cfg.optim),
                                             megatron_decay_overrides())
 
         def named(groups, decay: bool, key: str) -> list[str]:

@@ -28,7 +28,7 @@ def _measured_parameters(cfg, vocab_size: int) -> tuple[int, int, int]:
     dims = ParallelDims.from_config(cfg)
     groups = init_process_groups(dims)
     try:
-        model = build_model(cfg, vocab_size=vocab_size, dims=dims)
+        model, _ = build_model(cfg, vocab_size=vocab_size, dims=dims)
         names = dict(model.named_parameters())
         vocab = [n for n in names if "word_embeddings" in n or "output_layer" in n]
         assert len(vocab) in (1, 2), vocab
