@@ -101,6 +101,8 @@ done
   tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=1.0 optim.lr=6e-3
   tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.6,0.2,0.9 optim.lr=1.2e-2
   tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=1.0 optim.lr=1.2e-2
+  train experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.6 engram.null_memory=true scaling.series=null_memory \
+    optim.lr=1.2e-2
 ) &
 r10_3x=$!
 tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0 optim.lr=1.2e-2
