@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from engram_train.backbone.dcp_files import adam_sharded_state_dict, init_adam_state, load_adam_state_dict
-from engram_train.config import ConfigError, OptimConfig
+from engram_train.config import OptimConfig
 from engram_train.grad_sync import backbone_grad_norm_sq, grad_of
 
 
@@ -115,8 +115,30 @@ def megatron_decay_overrides() -> dict:
 # Each rank saves and loads its own slices, no communication; the TP/EP layout must stay (``fixed_layout``).
 # In megatron-core 0.16.1 with torch's Adam (no Apex/TE) the layout-free formats fail: the default
 # (fully_sharded_model_space) uses flattened ranges its dist_checkpointing rejects, and fully_reshardable
-# fails to load torch Adam's per-parameter "step".
+# fails to load torch Adam's per-parameter "step". Neither depends on the dtype; bf16 needs _index_params_as_stepped
+# whichever format is used, since all of them find main parameters through the numbering it mends.
 _SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _index_params_as_stepped(optimizer) -> None:
+    """Number each model parameter as Megatron's inner Adam holds its main parameter (bf16 checkpoints).
+
+    megatron-core 0.16.1 numbers a group's parameters in bucket order (``_build_optimizer_group_ranges``) but gives
+    Adam the group's fp32 parameters first, then the fp32 main copies of its bf16 ones
+    (``_build_model_and_main_param_groups``). Its checkpoint code (``_get_main_param_and_optimizer_states``, its
+    setter, ``load_state_dict``) finds a parameter's main copy and moments by that number, so in a group holding
+    both dtypes it takes another parameter's: the save stops at a shape assertion, or, where the shapes agree,
+    writes the wrong state. Under bf16 our groups hold both: without TE, Megatron's norms (``WrappedTorchNorm``)
+    keep fp32 weights (we do not wrap the model in ``Float16Module``, which would cast them). Steps are unaffected:
+    they pair model and main parameters by list, not by this number.
+    """
+    if not hasattr(optimizer, "model_param_group_index_map"):  # not a DistributedOptimizer (e.g. an empty part)
+        return
+    optimizer.model_param_group_index_map = {
+        param: (group_index, order)
+        for group_index, (fp32, float16) in enumerate(zip(optimizer.model_fp32_groups, optimizer.model_float16_groups))
+        for order, param in enumerate([*fp32, *float16])
+    }
 
 
 class MegatronDistributedAdam:
@@ -135,13 +157,6 @@ class MegatronDistributedAdam:
         from megatron.core import parallel_state
         from megatron.core.optimizer import get_megatron_optimizer
 
-        if model.config.params_dtype != torch.float32:
-            # Measured on the CPU-redirected test (tests/distributed/test_backbone_parity.py): bf16 training steps
-            # match, but the first checkpoint fails inside megatron-core 0.16.1's dp_reshardable optimizer state
-            # (a bucket-slice shape assertion), so a run would die at its first save. Refused up front instead.
-            raise ConfigError("optim.distributed=true with bf16 parameters: the distributed optimizer's checkpoint "
-                              "of bf16 parameters fails in megatron-core 0.16.1; set model.precision=fp32, or "
-                              "optim.distributed=false (torch AdamW with fp32 main parameters)")
         self.fixed_layout = {"tp": parallel_state.get_tensor_model_parallel_world_size(),
                              "ep": parallel_state.get_expert_model_parallel_world_size()}
 
@@ -149,6 +164,8 @@ class MegatronDistributedAdam:
         self.optimizer = get_megatron_optimizer(config, [grad_sync.ddp], config_overrides=megatron_decay_overrides(),
                                                 use_gloo_process_groups=False)
         self.parts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        for part in self.parts:
+            _index_params_as_stepped(part)
         # Megatron's own LR scheduler sets weight_decay from wd_mult; we set it once here.
         for group in self.optimizer.param_groups:
             group["weight_decay"] = optim.weight_decay * group["wd_mult"]
