@@ -267,7 +267,10 @@ def train(cfg: Config, allocation: AllocationPlan | None = None) -> dict:
             finish(run, state, logger, summary, allocation)
             return summary
         except RuntimeError as error:
-            raise explain_peer_failure(error, dims) from error
+            explained = explain_peer_failure(error, dims)
+            if explained is error:
+                raise  # keeps its own cause (``raise error from error`` would replace it)
+            raise explained from error
 
 
 def train_loop(run: TrainingRun, state: TrainState, logger: MetricsLogger, latest: Path | None) -> dict:
@@ -348,7 +351,7 @@ def eta_seconds(state: TrainState, start: TrainState, total_steps: int) -> float
 
 def finish(run: TrainingRun, state: TrainState, logger: MetricsLogger, summary: dict,
            allocation: AllocationPlan | None) -> None:
-    """The summary to W&B and the console, and result.json, unless the run stopped for requeue."""
+    """The summary to W&B and the console, and result.json; a run stopped for requeue only marks W&B preempting."""
     # A relaunch of a finished run takes no step: its NaN speed must not overwrite the real one in W&B.
     kept = {k: v for k, v in summary.items() if not (k == "tokens_per_s" and not math.isfinite(v))}
     logger.summary({**kept, "flops_per_token": run.flops_per_token, "world_size": run.dims.world,

@@ -48,10 +48,6 @@ class RowExchange:
         )
         return out
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier(group=self.group)
-
     def all_gather_object(self, obj: object) -> list[object]:
         if self.world == 1:
             return [obj]

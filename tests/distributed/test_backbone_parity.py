@@ -71,7 +71,7 @@ def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetc
     cfg.model.num_experts, cfg.model.moe_ffn_hidden_size, cfg.model.ffn_hidden_size = 4, 32, 64
     cfg.engram.layers, cfg.engram.heads_per_order, cfg.engram.head_dim, cfg.engram.rows_per_head = [1], 2, 8, 257
     cfg.parallel.tp, cfg.parallel.ep = tp, ep
-    # distributed_optimizer: no DDP from build_model, the reduce-scatter one is attached in _backbone.
+    # distributed_optimizer: no DDP from build_model, the reduce-scatter one is built in _backbone and passed on.
     cfg.parallel.grad_sync = "coalesced" if grad_sync == "distributed_optimizer" else grad_sync
     cfg.data.seq_len = SEQ
     dp = world // tp

@@ -67,6 +67,22 @@ def test_bad_config_fails_before_any_work(tmp_path):
     assert not run_dir.exists()
 
 
+def test_an_error_the_trainer_passes_on_keeps_its_own_cause(tmp_path):
+    """The peer-failure diagnosis leaves the framework's own errors alone, and their cause with them: a damaged
+    manifest's DataError still points at the JSON error below it."""
+    from engram_train.data.manifest import DataError
+
+    from .conftest import TINY_OVERRIDES, compose_config
+
+    damaged = tmp_path / "data"
+    damaged.mkdir()
+    (damaged / "manifest.json").write_text('{"format": ')
+    cfg = compose_config(*TINY_OVERRIDES, f"data.path={damaged}", f"experiment.run_dir={tmp_path / 'run'}")
+    with pytest.raises(DataError, match="manifest.json: not valid JSON") as raised:
+        train(cfg)
+    assert isinstance(raised.value.__cause__, json.JSONDecodeError), raised.value.__cause__
+
+
 def _children() -> list[int]:
     return [int(c) for c in Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()]
 

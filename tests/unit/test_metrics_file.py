@@ -1,4 +1,5 @@
-"""metrics.jsonl holds each step once after any sequence of crashes and relaunches (issue 17)."""
+"""metrics.jsonl holds each step once after any sequence of crashes and relaunches (issue 17); W&B finishes a
+preempted run as preempting (exit 75) and a logger that fails to start as failed."""
 
 from __future__ import annotations
 
