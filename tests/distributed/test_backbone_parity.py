@@ -55,6 +55,19 @@ def _backbone(cfg, dims, grad_sync: str):
     return model, sync, MegatronDistributedAdam(model, sync, cfg.optim)
 
 
+def _adam_state(optimizer) -> list[torch.Tensor]:
+    """Every main parameter and Adam moment of Megatron's DistributedOptimizer in its inner Adam's own order, read
+    from Adam's lists rather than through the parameter numbering its checkpoint code uses (which bf16 needed
+    mended: a wrong number hands a parameter another's state, silently where the shapes agree). Empty for AdamW."""
+    state = []
+    for part in getattr(optimizer, "parts", []):
+        for group in (part.optimizer.param_groups if part.optimizer is not None else []):
+            for param in group["params"]:
+                moments = part.optimizer.state.get(param, {})
+                state += [param.detach().clone(), *(moments[k].clone() for k in ("exp_avg", "exp_avg_sq") if k in moments)]
+    return state
+
+
 def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetch: bool = False,
          grad_sync: str = "auto", resume_dir: str | None = None, precision: str = "fp32", attention: str = "auto",
          recompute: str = "none"):
@@ -107,8 +120,12 @@ def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetc
                 checkpointer = Checkpointer(resume_dir, rank=rank, world=world, keep=1)
                 path = checkpointer.save(step, model=model, optimizer=optimizer, table=table,
                                          rank_state={"dp_rank": dp_rank}, meta={})
+                saved = _adam_state(optimizer)
                 model, sync, optimizer = _backbone(cfg, dims, grad_sync)
                 checkpointer.load(path, model=model, optimizer=optimizer, table=table, dp_rank=dp_rank)
+                loaded = _adam_state(optimizer)
+                assert saved and len(loaded) == len(saved) and all(torch.equal(a, b) for a, b in zip(saved, loaded)), \
+                    "the backbone optimizer's main parameters and moments come back exactly, each to its own parameter"
             result = train_step(model, sync, table, prefetcher, batches, plan, dims)
             norm = global_grad_norm(optimizer.grad_norm_sq(), result.table_grad_norm_sq, table_group=groups.table)
             # the trainer's own update (its table gradient scale by the DP size is part of what is compared)
