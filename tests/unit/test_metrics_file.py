@@ -32,13 +32,22 @@ def test_each_step_once_after_crashes_before_and_after_the_first_checkpoint(tmp_
     assert _steps(tmp_path) == list(range(9))
 
 
-def _exit_records(run_dir) -> list[tuple[str, int]]:
-    """The preempting and exit records of the run's W&B transaction log, read back through wandb's protobufs."""
+def _exit_records(run_dir, expected: list, timeout_s: float = 60.0) -> list[tuple[str, int]]:
+    """The preempting and exit records of the run's W&B transaction log, read back through wandb's protobufs, once
+    they equal ``expected`` or after ``timeout_s``. finish() returns when wandb-core has the exit record; a core shared
+    with earlier runs of this process writes it to the file a moment later, so the test waits for it."""
+    import time
+
     from engram_train import wandb_history
 
-    (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    kinds = [(r.WhichOneof("record_type"), r) for r in wandb_history.records(log)]
-    return [(k, r.exit.exit_code if k == "exit" else 0) for k, r in kinds if k in ("preempting", "exit")]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+        kinds = [(r.WhichOneof("record_type"), r) for r in wandb_history.records(log)]
+        found = [(k, r.exit.exit_code if k == "exit" else 0) for k, r in kinds if k in ("preempting", "exit")]
+        if found == expected or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
 
 
 def test_wandb_finishes_preempted_with_the_requeue_code_and_failed_when_opening_fails(tmp_path, monkeypatch):
@@ -56,7 +65,8 @@ def test_wandb_finishes_preempted_with_the_requeue_code_and_failed_when_opening_
     logger.preempted(REQUEUE_EXIT_CODE)
     logger.close()
     assert wandb.run is None
-    assert _exit_records(tmp_path / "preempted") == [("preempting", 0), ("exit", REQUEUE_EXIT_CODE)]
+    preempted = [("preempting", 0), ("exit", REQUEUE_EXIT_CODE)]
+    assert _exit_records(tmp_path / "preempted", preempted) == preempted
 
     def unreadable(*args, **kwargs):
         raise OSError("wandb/offline-run-x/run-x.wandb: Input/output error")
@@ -65,4 +75,4 @@ def test_wandb_finishes_preempted_with_the_requeue_code_and_failed_when_opening_
     with pytest.raises(OSError, match="Input/output error"):
         MetricsLogger(tmp_path / "broken", config={}, wandb=offline, name="n")
     assert wandb.run is None, "the W&B run opened before the failure is finished"
-    assert _exit_records(tmp_path / "broken") == [("exit", 1)]
+    assert _exit_records(tmp_path / "broken", [("exit", 1)]) == [("exit", 1)]
