@@ -57,6 +57,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import (
 )
 from torch.distributed.checkpoint.api import CheckpointException
 
+from engram_train.atomic_files import atomic_write, atomic_write_text
 from engram_train.backbone.dcp_files import backbone_sharded_state_dict, load_backbone, read_dcp_metadata
 from engram_train.memory import table_files
 from engram_train.parallel import on_every_rank
@@ -116,7 +117,7 @@ def _to_plain(value: Any) -> Any:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    table_files.atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 class Checkpointer:
@@ -246,7 +247,7 @@ class Checkpointer:
             )
         if self.rank == 0:
             meta = {**meta, "sha256": {name: file_sha256(partial / name) for name in _checked_files(partial)}}
-            table_files.atomic_write(partial / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+            atomic_write_text(partial / "meta.json", json.dumps(meta, indent=2))
             (partial / MARKER).write_text("ok\n")
             if final.exists():
                 shutil.rmtree(final)

@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from engram_train import wandb_history
+from engram_train.atomic_files import atomic_write_text
 from engram_train.config import WandbConfig
 
 
@@ -85,9 +86,7 @@ class MetricsLogger:
             return
         kept = [line for line in self.jsonl_path.read_text().splitlines()
                 if step and _step_of(line) is not None and _step_of(line) <= step]
-        tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.jsonl_path)
+        atomic_write_text(self.jsonl_path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, Any], *, console: bool = True, eta_s: float | None = None) -> None:
         """One record at ``step`` to metrics.jsonl and W&B, and a progress line (step n/N, elapsed, ETA) to the console."""

@@ -8,10 +8,9 @@ token shards can be identical while the compression table (hence every Engram ha
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
+from engram_train.atomic_files import atomic_copy
 from engram_train.checkpoint import file_sha256
 from engram_train.config import ConfigError
 
@@ -34,9 +33,7 @@ def keep_run_assets(dataset, run_dir: Path, *, is_main: bool) -> dict[str, str]:
                 "the dataset it was trained on, or start a new run (experiment.name / experiment.run_dir)")
         if is_main and not kept.is_file():
             kept.parent.mkdir(parents=True, exist_ok=True)
-            partial = kept.with_name(kept.name + ".partial")
-            shutil.copyfile(dataset.path / name, partial)
-            os.replace(partial, kept)
+            atomic_copy(dataset.path / name, kept)
         recorded[f"assets/{name}"] = digest
     return recorded
 

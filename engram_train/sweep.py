@@ -18,10 +18,11 @@ import math
 import os
 import sys
 from collections import defaultdict
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+
+from engram_train.atomic_files import atomic_write_text
 
 #: Fewest distinct rho values a loss curve is fit on (and picked as a budget's headline curve with).
 MIN_FIT_POINTS = 4
@@ -63,9 +64,7 @@ def write_run_result(run_dir: Path, cfg, summary: dict, record: dict, *, state: 
         "skipped_steps": summary["skipped_steps"],
     }
     path = Path(run_dir) / "result.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     return path
 
 

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engram_train.atomic_files import atomic_write, atomic_write_text
+
 if TYPE_CHECKING:
     from engram_train.memory.table import ShardedEngramTable
 
@@ -30,16 +32,6 @@ FORMAT = 1
 
 def _shard_name(rank: int, world: int) -> str:
     return f"table-shard-{rank:05d}-of-{world:05d}.pt"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through ``write(file)`` to a temporary name, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -86,7 +78,7 @@ def write_table_files(snapshot: TableSnapshot, folder: str | os.PathLike) -> Non
     folder = Path(folder)
     atomic_write(folder / snapshot.shard_name, lambda f: torch.save(snapshot.shard, f))
     if snapshot.meta is not None:
-        atomic_write(folder / META, lambda f: f.write(json.dumps(snapshot.meta, indent=1, sort_keys=True).encode()))
+        atomic_write_text(folder / META, json.dumps(snapshot.meta, indent=1, sort_keys=True))
 
 
 def read_meta(path: str | os.PathLike) -> dict:
