@@ -62,6 +62,13 @@ def history_steps(path: Path) -> list[int]:
     return [record.history.step.num for record in records(path) if record.WhichOneof("record_type") == "history"]
 
 
+def segment_end(path: Path) -> list[tuple[str, int]]:
+    """How one segment ended, as W&B recorded it: ``("preempting", 0)`` where it was marked preempting, then
+    ``("exit", code)``; empty for a segment killed before wandb-core wrote either."""
+    ends = [(r.WhichOneof("record_type"), r) for r in records(path)]
+    return [(kind, r.exit.exit_code if kind == "exit" else 0) for kind, r in ends if kind in ("preempting", "exit")]
+
+
 def segment_logs(wandb_dir: Path, run_id: str) -> list[Path]:
     """The transaction logs of every segment of run ``run_id`` below ``wandb_dir`` (one per start or resume)."""
     return sorted(Path(wandb_dir).glob(f"*-{run_id}/run-{run_id}.wandb"))

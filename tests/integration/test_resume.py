@@ -142,9 +142,7 @@ def test_sigterm_to_the_process_group_checkpoints_exits_for_requeue_and_resume_c
     assert _losses(run_dir) == _losses(reference), "the resumed run must continue the same loss curve exactly"
     # One W&B run: its first segment finished as preempted with the requeue code, the resumed one as finished.
     run_id = (run_dir / "wandb_run_id").read_text().strip()
-    ends = [[(r.WhichOneof("record_type"), r.exit.exit_code) for r in wandb_history.records(segment)
-             if r.WhichOneof("record_type") in ("preempting", "exit")]
-            for segment in wandb_history.segment_logs(run_dir / "wandb", run_id)]
+    ends = [wandb_history.segment_end(segment) for segment in wandb_history.segment_logs(run_dir / "wandb", run_id)]
     assert ends == [[("preempting", 0), ("exit", REQUEUE_EXIT_CODE)], [("exit", 0)]], ends
 
 

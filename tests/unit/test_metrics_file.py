@@ -43,8 +43,7 @@ def _exit_records(run_dir, expected: list, timeout_s: float = 60.0) -> list[tupl
     deadline = time.monotonic() + timeout_s
     while True:
         (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-        kinds = [(r.WhichOneof("record_type"), r) for r in wandb_history.records(log)]
-        found = [(k, r.exit.exit_code if k == "exit" else 0) for k, r in kinds if k in ("preempting", "exit")]
+        found = wandb_history.segment_end(log)
         if found == expected or time.monotonic() > deadline:
             return found
         time.sleep(0.2)
