@@ -222,8 +222,11 @@ def analyze_allocation(results: list[dict], *, bootstrap: int = 2000) -> dict:
                     entry["other_lrs"][other]["fit"] = fit_allocation_curve(other_points, bootstrap=bootstrap)
         envelope = tuned_envelope(curves)
         env_points = [(x, v) for x, v, _ in envelope]
+        tuned_runs = [r for x, _, best_lr in envelope for r in curves[best_lr]
+                      if round(r["realised_allocation_ratio"], 6) == x]
         entry["envelope"] = {"points": [{**p, "lr": lr} for p, (*_, lr) in zip(_points(env_points), envelope)],
-                             **_fits(env_points, bootstrap)}
+                             "paired": paired_by_seed(_losses_by_seed(tuned_runs)), **_fits(env_points, bootstrap)}
+        entry["paired"] = paired_by_seed(_losses_by_seed(main))
         entry["null_memory"] = _memory_share(runs, curves)
         entry["lr_sweep"] = _lr_table(runs)
         analysis[budget] = entry
@@ -252,6 +255,38 @@ def tuned_envelope(curves: dict[float, list[dict]]) -> list[tuple[float, list[fl
             if x not in best or np.mean(losses) < np.mean(best[x][0]):
                 best[x] = (losses, lr)
     return [(x, losses, lr) for x, (losses, lr) in sorted(best.items())]
+
+
+def _losses_by_seed(runs: list[dict]) -> dict[float, dict[int, float]]:
+    """realised rho -> {seed: val loss}, for runs holding one learning rate per rho."""
+    by_ratio: dict[float, dict[int, float]] = defaultdict(dict)
+    for r in runs:
+        by_ratio[round(r["realised_allocation_ratio"], 6)][r["seed"]] = r["final_val_loss"]
+    return by_ratio
+
+
+def paired_by_seed(by_ratio: dict[float, dict[int, float]]) -> list[dict]:
+    """The best measured rho (lowest seed mean) against each end of the range, seed by seed.
+
+    Runs of one seed share the data order and the validation set, so much of what moves a seed's loss moves it
+    at every rho: the difference within a seed is a sharper test of "rho x beats rho 0" than the gap between seed
+    means measured against the seed spread. Only seeds measured at both rho values count."""
+    if len(by_ratio) < 3:
+        return []
+    means = {x: float(np.mean(list(v.values()))) for x, v in by_ratio.items()}
+    best = min(means, key=means.get)
+    ends = [x for x in (min(by_ratio), max(by_ratio)) if x != best]
+    pairs = []
+    for end in ends:
+        seeds = sorted(set(by_ratio[best]) & set(by_ratio[end]))
+        if not seeds:
+            continue
+        diffs = np.array([by_ratio[best][s] - by_ratio[end][s] for s in seeds])
+        pairs.append({"rho": best, "against": end, "seeds": seeds, "differences": diffs.tolist(),
+                      "mean": float(diffs.mean()),
+                      "stderr": float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else None,
+                      "lower_in": int(np.sum(diffs < 0))})
+    return pairs
 
 
 def _points(points: list[tuple[float, list[float]]]) -> list[dict]:
@@ -323,6 +358,13 @@ def analyze_infinite_memory(results: list[dict]) -> dict:
     return out
 
 
+def _paired_line(pair: dict, where: str) -> str:
+    diffs = ", ".join(f"{d:+.4f} (seed {s})" for d, s in zip(pair["differences"], pair["seeds"]))
+    spread = f" ± {pair['stderr']:.4f}" if pair["stderr"] is not None else ""
+    return (f"- paired by seed ({where}), rho {pair['rho']:.2f} minus rho {pair['against']:.2f}: {diffs}; "
+            f"mean {pair['mean']:+.4f}{spread}, lower in {pair['lower_in']} of {len(pair['seeds'])} seeds")
+
+
 def markdown(analysis: dict, memory: dict | None = None) -> str:
     lines = []
     for budget, entry in analysis.items():
@@ -352,10 +394,12 @@ def markdown(analysis: dict, memory: dict | None = None) -> str:
             verdict = f"; fit: {env['fit']['verdict']}" if "fit" in env else ""
             verdict += f"; without the pure MoE: {env['fit_without_moe']['verdict']}" if "fit_without_moe" in env else ""
             lines.append(f"- each rho at its own best learning rate (rho: val loss (lr, seeds)): {values}{verdict}")
+            lines += [_paired_line(pair, "each at its own best learning rate") for pair in env["paired"]]
         for other, curve in entry["other_lrs"].items():
             values = ", ".join(f"{p['ratio']:.2f}: {p['val_loss']:.4f}" for p in curve["points"])
             verdict = f"; fit: {curve['fit']['verdict']}" if "fit" in curve else ""
             lines.append(f"- curve at lr {other:g} (rho: val loss): {values}{verdict}")
+        lines += [_paired_line(pair, f"lr {entry['lr']:g}") for pair in entry["paired"]]
         for s in entry["null_memory"]:
             moe = f"MoE {s['moe']:.4f} ({'same seed' if s['moe_same_seed'] else 'mean over seeds'})"
             head = (f"- rho {s['rho']}, seed {s['seed']}, lr {s['lr']:g}: {moe}, null-memory block {s['null_memory']:.4f}, "

@@ -138,3 +138,26 @@ def test_a_step_at_the_pure_moe_is_told_apart_and_each_arm_is_tuned_on_its_own(t
     assert out["envelope"]["fit"]["interior"] and not out["envelope"]["fit_without_moe"]["interior"]
     text = (tmp_path / "out" / "summary.md").read_text()
     assert "without the pure MoE" in text and "each rho at its own best learning rate" in text
+
+
+def test_seeds_are_paired_across_rho_so_a_gap_smaller_than_the_seed_spread_shows(tmp_path):
+    """Seed offsets of ±0.05 dwarf the 0.018 gap between rho 0.2 and rho 0; within each seed it is exact."""
+    offsets = {1: 0.0, 2: 0.05, 3: -0.05}
+    for rho in RATIOS:
+        for seed, offset in offsets.items():
+            _result(tmp_path, rho=rho, seed=seed, loss=3.0 + 0.3 * (rho - 0.25) ** 2 + offset)
+    # rho 0 at another rate: better than at the main rate by 0.008 in every seed, still worse than rho 0.2.
+    for seed, offset in offsets.items():
+        _result(tmp_path, rho=0.0, seed=seed, lr=6e-3, series="lr_sweep", loss=3.0 + 0.3 * 0.25**2 + offset - 0.008)
+    out = analyze([tmp_path], tmp_path / "out", wandb_mode="disabled", bootstrap=200)["allocation"]["b1"]
+    gap = 0.3 * (0.25**2 - 0.05**2)
+    low, high = out["paired"]
+    assert (low["rho"], low["against"], low["seeds"]) == (0.2, 0.0, [1, 2, 3])
+    assert low["differences"] == pytest.approx([-gap] * 3) and low["lower_in"] == 3
+    assert low["stderr"] == pytest.approx(0.0, abs=1e-9)
+    assert (high["against"], high["lower_in"]) == (1.0, 3)
+    # Each rho at its own best rate: rho 0 is paired at 6e-3, where the gap is 0.008 smaller.
+    tuned = out["envelope"]["paired"][0]
+    assert (tuned["against"], tuned["seeds"]) == (0.0, [1, 2, 3])
+    assert tuned["differences"] == pytest.approx([-gap + 0.008] * 3)
+    assert "rho 0.20 minus rho 0.00" in (tmp_path / "out" / "summary.md").read_text()
