@@ -434,6 +434,18 @@ def markdown(analysis: dict, memory: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def plotted_fit(entry: dict) -> tuple[dict | None, str]:
+    """The fit the plot draws: each rho at its own best rate without the pure MoE where there is one (the curve
+    both arms tuned alike, and no step at rho = 1 read as a minimum), else the widest fit there is."""
+    env = entry["envelope"]
+    for fit, label in ((env.get("fit_without_moe"), "quadratic fit, rho < 1, each at its best lr"),
+                       (env.get("fit"), "quadratic fit, each rho at its best lr"),
+                       (entry.get("fit"), f"quadratic fit, lr {entry['lr']:g}")):
+        if fit is not None:
+            return fit, label
+    return None, ""
+
+
 def plot(analysis: dict, results: list[dict], path: Path, memory: dict | None = None) -> Path:
     """One panel per budget (each on its own loss scale: budgets differ by far more than rho moves the loss),
     plus the infinite-memory panel."""
@@ -441,12 +453,18 @@ def plot(analysis: dict, results: list[dict], path: Path, memory: dict | None = 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     panels = len(analysis) + (1 if memory else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.6), squeeze=False)
+    cols = min(3, panels)
+    rows = -(-panels // cols)
+    fig, grid_axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.6 * rows), squeeze=False)
+    axes = grid_axes.ravel()
+    for unused in axes[panels:]:
+        unused.set_visible(False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (budget, entry) in enumerate(analysis.items()):
-        ax, color = axes[0][i], colors[i % len(colors)]
+        ax, color = axes[i], colors[i % len(colors)]
         seeds = defaultdict(list)
         for r in entry["rows"]:
             if r["series"] in (MAIN_SERIES, LR_SERIES) and r["lr"] == entry["lr"]:
@@ -457,10 +475,10 @@ def plot(analysis: dict, results: list[dict], path: Path, memory: dict | None = 
         hi = [max(seeds[round(x, 6)]) - y for x, y in zip(xs, ys)]
         ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color=color, capsize=3,
                     label=f"Engram + MoE, lr {entry['lr']:g} (bars: seed range)")
-        if "fit" in entry:
-            fit = entry["fit"]
+        fit, fit_label = plotted_fit(entry)
+        if fit is not None:
             grid = np.linspace(*fit["range"], 200)
-            ax.plot(grid, np.polyval(fit["coefficients"], grid), "-", color=color, alpha=0.6, label="quadratic fit")
+            ax.plot(grid, np.polyval(fit["coefficients"], grid), "-", color=color, alpha=0.6, label=fit_label)
             ymin = float(np.polyval(fit["coefficients"], fit["argmin"]))
             ax.errorbar([fit["argmin"]], [ymin], xerr=[[fit["argmin"] - fit["argmin_interval_90"][0]],
                         [fit["argmin_interval_90"][1] - fit["argmin"]]], fmt="*", ms=13, color="black", capsize=4,
@@ -495,13 +513,16 @@ def plot(analysis: dict, results: list[dict], path: Path, memory: dict | None = 
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     if memory:
-        ax2 = axes[0][-1]
+        ax2 = axes[panels - 1]
         for i, (budget, entry) in enumerate(memory.items()):
             ax2.loglog(entry["rows"], entry["val_loss"], "o", color=colors[i % len(colors)], label=budget)
             if "fit" in entry:
                 f = entry["fit"]
                 ax2.plot(entry["rows"], [f["a"] * r ** -f["alpha"] for r in entry["rows"]], "--",
                          color=colors[i % len(colors)], label=f"{budget}: loss ~ rows^-{f['alpha']:.4f}")
+        # Losses span a few percent: plain numbers on the log axis, not 5.8x10^0.
+        ax2.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+        ax2.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
         ax2.set_xlabel("Engram rows (backbone fixed)")
         ax2.set_ylabel("validation loss (nats)")
         ax2.set_title("Infinite memory", fontsize=10)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engram_train.sweep import analyze
+from engram_train.sweep import analyze, plotted_fit
 
 RATIOS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
 
@@ -136,6 +136,8 @@ def test_a_step_at_the_pure_moe_is_told_apart_and_each_arm_is_tuned_on_its_own(t
     assert envelope[-1]["val_loss"] == pytest.approx(3.2, abs=0.005) and envelope[-1]["seeds"] == 2
     # the tuned MoE is still above the Engram arms: the step stays, and so does the distinction
     assert out["envelope"]["fit"]["interior"] and not out["envelope"]["fit_without_moe"]["interior"]
+    fit, label = plotted_fit(out)
+    assert fit == out["envelope"]["fit_without_moe"] and "rho < 1" in label, "the plot draws the fit the text reports"
     text = (tmp_path / "out" / "summary.md").read_text()
     assert "without the pure MoE" in text and "each rho at its own best learning rate" in text
 
