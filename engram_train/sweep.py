@@ -351,7 +351,8 @@ def analyze_infinite_memory(results: list[dict]) -> dict:
         rows = np.array(sorted(by_rows), dtype=float)
         losses = np.array([np.mean(by_rows[int(n)]) for n in rows])
         entry = {"budget": budget, "lr": lr, "rows": rows.tolist(), "val_loss": losses.tolist(),
-                 "seeds": [len(by_rows[int(n)]) for n in rows]}
+                 "seeds": [len(by_rows[int(n)]) for n in rows],
+                 "low": [min(by_rows[int(n)]) for n in rows], "high": [max(by_rows[int(n)]) for n in rows]}
         if len(rows) >= 2:
             entry["fit"] = fit_power_law(rows, losses)
         out[f"{budget}, lr {lr:g}"] = entry
@@ -426,7 +427,8 @@ def markdown(analysis: dict, memory: dict | None = None) -> str:
         lines.append("")
     for budget, entry in (memory or {}).items():
         lines.append(f"## Infinite memory, budget {budget}" + (f" (seeds per point: {entry['seeds']})" if max(entry["seeds"]) > 1 else ""))
-        lines += [f"- {int(r):,} rows: val loss {v:.4f}" for r, v in zip(entry["rows"], entry["val_loss"])]
+        lines += [f"- {int(r):,} rows: val loss {v:.4f}" + (f" (seeds {lo:.4f}-{hi:.4f})" if n > 1 else "")
+                  for r, v, n, lo, hi in zip(entry["rows"], entry["val_loss"], entry["seeds"], entry["low"], entry["high"])]
         if "fit" in entry:
             f = entry["fit"]
             lines.append(f"- power law loss = {f['a']:.3f} * rows^-{f['alpha']:.4f} over {f['rows_decades']:.1f} decades (R² {f['r2']:.3f})")
@@ -515,7 +517,11 @@ def plot(analysis: dict, results: list[dict], path: Path, memory: dict | None = 
     if memory:
         ax2 = axes[panels - 1]
         for i, (budget, entry) in enumerate(memory.items()):
-            ax2.loglog(entry["rows"], entry["val_loss"], "o", color=colors[i % len(colors)], label=budget)
+            ax2.errorbar(entry["rows"], entry["val_loss"], fmt="o", color=colors[i % len(colors)], capsize=3,
+                         yerr=[np.subtract(entry["val_loss"], entry["low"]), np.subtract(entry["high"], entry["val_loss"])],
+                         label=budget + (" (bars: seed range)" if max(entry["seeds"]) > 1 else ""))
+            ax2.set_xscale("log")
+            ax2.set_yscale("log")
             if "fit" in entry:
                 f = entry["fit"]
                 ax2.plot(entry["rows"], [f["a"] * r ** -f["alpha"] for r in entry["rows"]], "--",

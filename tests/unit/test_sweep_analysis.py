@@ -112,7 +112,9 @@ def test_two_budgets_are_kept_apart_and_the_infinite_memory_power_law_is_recover
     assert law["alpha"] == pytest.approx(0.03, rel=1e-6) and law["r2"] == pytest.approx(1.0)
     assert law["rows_decades"] == pytest.approx(3.0)
     assert result["infinite_memory"]["small, lr 0.006"]["fit"]["alpha"] == pytest.approx(0.05, rel=1e-6)
-    assert result["infinite_memory"]["small, lr 0.006"]["seeds"] == [2, 2, 2, 2]
+    seeded = result["infinite_memory"]["small, lr 0.006"]
+    assert seeded["seeds"] == [2, 2, 2, 2]
+    assert np.subtract(seeded["high"], seeded["low"]) == pytest.approx([0.02] * 4), "the seed range each point is drawn with"
 
 
 def test_a_step_at_the_pure_moe_is_told_apart_and_each_arm_is_tuned_on_its_own(tmp_path):
