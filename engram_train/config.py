@@ -184,8 +184,9 @@ class OptimConfig:
 
 @dataclass
 class WandbConfig:
-    #: offline (default: a real run folder, sync later), online, or disabled.
-    mode: str = "offline"
+    #: offline (a real run folder, sync later), online, or disabled; by default W&B's own WANDB_MODE where it is
+    #: set, else offline (wandb.init's mode argument would otherwise override the environment variable).
+    mode: str = "${oc.env:WANDB_MODE,offline}"
     project: str = "engram-train"
     entity: str | None = None
     #: W&B run name (empty: experiment.name; in a multirun: <experiment.name>/<job folder>).
@@ -403,7 +404,8 @@ def validate(cfg: Config) -> None:
         _check(sc.reference_experts > m.moe_router_topk, "scaling.reference_experts", sc.reference_experts,
                f"must exceed model.moe_router_topk={m.moe_router_topk} (the pure-MoE reference needs sparse experts)")
     _check(sc.total_params >= 0 and sc.activated_params >= 0, "scaling.total_params", sc.total_params, "targets must be >= 0 (0: from the reference)")
-    _choice("experiment.wandb.mode", x.wandb.mode, ("offline", "online", "disabled"))
+    _check(x.wandb.mode in ("offline", "online", "disabled"), "experiment.wandb.mode", x.wandb.mode,
+           "choose one of offline, online, disabled (unless set, it is W&B's WANDB_MODE environment variable)")
     _check(x.eval_tokens >= d.seq_len, "experiment.eval_tokens", x.eval_tokens, f"must be >= data.seq_len={d.seq_len}")
     _check(x.checkpoint_every >= 0, "experiment.checkpoint_every", x.checkpoint_every, "must be >= 0 (0: only at the end)")
 
