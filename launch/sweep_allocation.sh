@@ -56,6 +56,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     experiment.seed=1234,1235
   train experiment=sweep_tiny scaling.allocation_ratio=null model.num_experts=10 model.moe_shared_expert_intermediate_size=11 \
     engram.rows_per_head=32,128,512,2048,8192 scaling.series=infinite_memory optim.lr=1.2e-2
+  train experiment=sweep_tiny scaling.allocation_ratio=null model.num_experts=10 model.moe_shared_expert_intermediate_size=11 \
+    engram.rows_per_head=32,128,512,2048,8192 scaling.series=infinite_memory optim.lr=1.2e-2 experiment.seed=1235
   tuned experiment=sweep_tiny scaling.allocation_ratio=$RHOS optim.lr=1.2e-2 experiment.seed=1235,1236
 ) &
 tiny=$!
@@ -98,14 +100,17 @@ done
 # Budget tiny_r10_3x (session 2026-12-03c): the paper's sparsity at three times the tokens (~36 per parameter), where
 # expert capacity has the most room to bind; each arm at its tiny_r10 rate (MoE 6e-3, Engram 1.2e-2). The curve at
 # 1.2e-2 dipped below rho 0 (rho 0.2), so next the control for an under-tuned rho 0 (rho 0 and 0.4 at 2.4e-2), then
-# second seeds of rho 0, 0.2 and 0.4, then the rest.
+# second seeds of rho 0, 0.2 and 0.4, then the rest; session 2026-12-03d: rho 0's lower rate bracket (6e-3), third
+# seeds of rho 0 and 0.2, rho 0.2 at 6e-3 and the MoE's 1.2e-2 bracket (rho 0.9 dropped for them).
 (
   tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=1.0 optim.lr=6e-3
   tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.6,0.2 optim.lr=1.2e-2
   tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.4 optim.lr=2.4e-2
-  tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.9,1.0 optim.lr=1.2e-2
+  tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0 optim.lr=6e-3
   train experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.6 engram.null_memory=true scaling.series=null_memory \
     optim.lr=1.2e-2
+  tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0 optim.lr=1.2e-2 experiment.seed=1236
+  tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.2 optim.lr=6e-3
 ) &
 r10_3x=$!
 tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0 optim.lr=1.2e-2
@@ -113,6 +118,8 @@ tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.8,0.4 optim.lr=1.2
 tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0 optim.lr=2.4e-2
 tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0,0.2,0.4 optim.lr=1.2e-2 experiment.seed=1235
 tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.2 optim.lr=2.4e-2
+tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.2 optim.lr=1.2e-2 experiment.seed=1236
+tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=1.0 optim.lr=1.2e-2
 wait $r10_3x
 $PY -m engram_train.sweep analyze outputs/sweeps/sweep_tiny outputs/sweeps/sweep_tiny_3x outputs/sweeps/sweep_tiny_r10 \
   outputs/sweeps/sweep_tiny_r10_3x --infinite-memory \
