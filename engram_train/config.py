@@ -7,6 +7,8 @@ and name the key, the bad value and what is allowed.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +56,10 @@ class ModelConfig:
     #: Activation recompute: none, selective (Megatron recomputes core attention in the backward), full
     #: (every layer's activations are recomputed from its input: least memory, ~1/3 more compute).
     recompute: str = "none"
+    #: Routed experts: grouped (one grouped GEMM per MoE layer: Transformer Engine's where attention is te, else
+    #: Megatron's GroupedMLP on torch's grouped matmul; bf16 only there), sequential (one expert after another), or
+    #: auto (grouped on a GPU where it runs, sequential on CPU, where it is no faster).
+    experts: str = "auto"
 
 
 @dataclass
@@ -184,9 +190,9 @@ class OptimConfig:
 
 @dataclass
 class WandbConfig:
-    #: offline (a real run folder, sync later), online, or disabled; by default W&B's own WANDB_MODE where it is
-    #: set, else offline (wandb.init's mode argument would otherwise override the environment variable).
-    mode: str = "${oc.env:WANDB_MODE,offline}"
+    #: offline (a real run folder, sync later), online, or disabled; empty (the default): W&B's own WANDB_MODE
+    #: where it is set, else offline (wandb.init's mode argument would otherwise override the variable).
+    mode: str = ""
     project: str = "engram-train"
     entity: str | None = None
     #: W&B run name (empty: experiment.name; in a multirun: <experiment.name>/<job folder>).
@@ -201,6 +207,9 @@ class WandbConfig:
     console: bool = True
     #: Sample system metrics (CPU, memory, GPU) into the W&B run.
     system_metrics: bool = True
+    def effective_mode(self) -> str:
+        return self.mode or os.environ.get("WANDB_MODE") or "offline"
+
     #: Log each complete checkpoint as a W&B artifact (type checkpoint, aliases step_<n> and latest) that holds
     #: only a reference to its folder: nothing is uploaded or hashed.
     log_checkpoints: bool = False
@@ -337,6 +346,7 @@ def validate(cfg: Config) -> None:
     _choice("model.precision", m.precision, ("auto", "bf16", "fp32"))
     _choice("model.attention", m.attention, ("auto", "te", "sdpa", "local"))
     _choice("model.recompute", m.recompute, ("none", "selective", "full"))
+    _choice("model.experts", m.experts, ("auto", "grouped", "sequential"))
     _check(m.moe_aux_loss_coeff >= 0, "model.moe_aux_loss_coeff", m.moe_aux_loss_coeff, "must be >= 0")
 
     if e.enabled:
@@ -404,8 +414,9 @@ def validate(cfg: Config) -> None:
         _check(sc.reference_experts > m.moe_router_topk, "scaling.reference_experts", sc.reference_experts,
                f"must exceed model.moe_router_topk={m.moe_router_topk} (the pure-MoE reference needs sparse experts)")
     _check(sc.total_params >= 0 and sc.activated_params >= 0, "scaling.total_params", sc.total_params, "targets must be >= 0 (0: from the reference)")
-    _check(x.wandb.mode in ("offline", "online", "disabled"), "experiment.wandb.mode", x.wandb.mode,
-           "choose one of offline, online, disabled (unless set, it is W&B's WANDB_MODE environment variable)")
+    _check(x.wandb.effective_mode() in ("offline", "online", "disabled"), "experiment.wandb.mode",
+           x.wandb.effective_mode(), "choose one of offline, online, disabled (where the key is empty, W&B's "
+           "WANDB_MODE environment variable sets it)")
     _check(x.eval_tokens >= d.seq_len, "experiment.eval_tokens", x.eval_tokens, f"must be >= data.seq_len={d.seq_len}")
     _check(x.checkpoint_every >= 0, "experiment.checkpoint_every", x.checkpoint_every, "must be >= 0 (0: only at the end)")
 

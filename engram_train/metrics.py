@@ -38,7 +38,7 @@ class MetricsLogger:
         self._truncate_after(resume_step)
         self._jsonl = self.jsonl_path.open("a")
         self.clean_exit_code = 0  # what close() reports without an error: 0, or the requeue code when preempted
-        if wandb.mode != "disabled":
+        if wandb.effective_mode() != "disabled":
             try:
                 self._open_wandb(run_dir, config=config, wandb=wandb, name=name, tags=tags)
             except BaseException:  # W&B may already be running: finish it as failed and close the file
@@ -55,7 +55,7 @@ class MetricsLogger:
         run_id_file.write_text(run_id)
         self.wandb_run = wandb_sdk.init(
             project=wandb.project, entity=wandb.entity, name=name, group=wandb.group or None, job_type=wandb.job_type,
-            tags=tags or None, id=run_id, resume="allow", mode=wandb.mode, dir=str(run_dir), config=config,
+            tags=tags or None, id=run_id, resume="allow", mode=wandb.effective_mode(), dir=str(run_dir), config=config,
             settings=wandb_sdk.Settings(console="wrap" if wandb.console else "off",
                                         x_disable_stats=not wandb.system_metrics),
         )

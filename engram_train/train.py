@@ -220,7 +220,8 @@ def announce(run: TrainingRun, logger: MetricsLogger, allocation: AllocationPlan
     cfg = run.cfg
     logger.print(run.plan.describe(run.model, run.table))
     logger.print(f"kernels: {run.model.kernels.describe()} (model.precision={cfg.model.precision}, "
-                 f"model.attention={cfg.model.attention}, model.recompute={cfg.model.recompute})")
+                 f"model.attention={cfg.model.attention}, model.recompute={cfg.model.recompute}, "
+                 f"model.experts={cfg.model.experts})")
     if allocation is not None:
         logger.print(allocation.describe())
     if run.table is not None:

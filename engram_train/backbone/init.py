@@ -18,6 +18,10 @@ from megatron.core import parallel_state
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 # Transformer Engine's grouped experts (TEGroupedMLP) hold local expert k as ``experts.linear_fc1.weight{k}``.
 _GROUPED_EXPERT = re.compile(r"\.experts\.(linear_fc[12])\.weight(\d+)$")
+# Megatron's legacy GroupedMLP holds all local experts in ``experts.weight1`` [hidden, experts x fc1 out] and
+# ``experts.weight2`` [experts x fc2 in, hidden], expert k being ``weight1.view(experts, hidden, -1)[k]`` (its fc1
+# transposed) and ``weight2.view(experts, -1, hidden)[k]``, as its checkpoint format reads them.
+_LEGACY_GROUPED = re.compile(r"\.experts\.weight([12])$")
 _SCALED_OUTPUT = ("linear_proj.weight", "linear_fc2.weight")
 
 
@@ -64,9 +68,16 @@ def canonical_init_(gpt: torch.nn.Module, *, seed: int, std: float, num_layers: 
     num_local_experts = max(
         (index + 1 for n, _ in gpt.named_parameters() if (index := _local_expert_index(n)) is not None), default=0
     )
+    grouped = {f"{name}.": module for name, module in gpt.named_modules() if type(module).__name__ == "GroupedMLP"}
     for name, param in gpt.named_parameters():
         if param.dim() < 2:
             continue  # norm gains stay at their constant init
+        if match := _LEGACY_GROUPED.search(name):
+            module = grouped[name[: match.start()] + ".experts."]
+            _init_legacy_grouped_(param, name[: match.start()] + ".experts", int(match.group(1)), module.num_local_experts,
+                                  ep_rank=ep_rank, rank=etp_rank, size=etp_size, seed=seed, std=std,
+                                  num_layers=num_layers, glu=gated_linear_unit)
+            continue
         is_expert = _local_expert_index(name) is not None
         canonical = _global_name(name, num_local_experts, ep_rank)
         rank, size = (etp_rank, etp_size) if is_expert else (tp_rank, tp_size)
@@ -77,3 +88,25 @@ def canonical_init_(gpt: torch.nn.Module, *, seed: int, std: float, num_layers: 
         full = torch.randn(full_shape, generator=_generator(seed, canonical), dtype=torch.float32) * scale
         glu = gated_linear_unit and canonical.endswith("linear_fc1.weight")
         param.copy_(_tp_slice(full, param, rank, size, glu).to(param.dtype))
+
+
+def _init_legacy_grouped_(param: torch.nn.Parameter, prefix: str, which: int, num_local_experts: int, *, ep_rank: int,
+                          rank: int, size: int, seed: int, std: float, num_layers: int, glu: bool) -> None:
+    """Each local expert of a GroupedMLP weight from the same generator as its SequentialMLP twin (``which`` 1: fc1,
+    column-parallel, stored transposed; 2: fc2, row-parallel, stored transposed), sliced for this expert-TP rank."""
+    hidden = param.shape[0] if which == 1 else param.shape[1]
+    experts = param.view(num_local_experts, hidden, -1) if which == 1 else param.view(num_local_experts, -1, hidden)
+    for local, expert in enumerate(experts):
+        global_index = ep_rank * num_local_experts + local
+        if which == 1:
+            name = f"{prefix}.experts.{global_index}.linear_fc1.weight"
+            full = torch.randn(expert.shape[1] * size, hidden, generator=_generator(seed, name)) * std
+            mine = full
+            if size > 1:
+                halves = full.chunk(2, dim=0) if glu else (full,)
+                mine = torch.cat([h.chunk(size, dim=0)[rank] for h in halves], dim=0)
+        else:
+            name = f"{prefix}.experts.{global_index}.linear_fc2.weight"
+            full = torch.randn(hidden, expert.shape[0] * size, generator=_generator(seed, name)) * (std / math.sqrt(2.0 * num_layers))
+            mine = full.chunk(size, dim=1)[rank] if size > 1 else full
+        expert.copy_(mine.t().to(param.dtype))

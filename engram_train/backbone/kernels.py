@@ -7,9 +7,10 @@ switches: ``TransformerConfig(bf16, params_dtype, recompute_*, moe_grouped_gemm)
   loss compute in fp32 (Megatron's ``moe_router_dtype`` and cross-entropy), the Engram gate in fp32.
 - Attention: Transformer Engine layer specs where TE imports on a GPU (fused attention, grouped expert GEMMs),
   else ``SdpaAttention`` (torch's scaled_dot_product_attention), or Megatron's unfused ``DotProductAttention``.
-- Grouped expert GEMMs come only with TE: without it, megatron-core 0.16.1's ``moe_grouped_gemm`` builds the
-  legacy ``GroupedMLP``, which needs the CUDA-only ``grouped_gemm`` package; experts then run one after another
-  (``SequentialMLP``).
+- Experts: one grouped GEMM per MoE layer (``model.experts``): TE's ``TEGroupedMLP`` with TE specs, else
+  Megatron's legacy ``GroupedMLP`` with torch's grouped matmul standing in for the CUDA-only ``grouped_gemm``
+  package (``backbone/grouped_gemm.py``; Megatron runs it in bf16 only); or one expert after another
+  (``SequentialMLP``). Both layouts start from the same weights (``backbone/init.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+from engram_train.backbone.grouped_gemm import install_torch_grouped_gemm, torch_grouped_mm_error
 from engram_train.backbone.norm import SequenceParallelTorchNorm
 from engram_train.config import ConfigError, ModelConfig
 
@@ -41,11 +43,13 @@ def te_import_error() -> str | None:
 
 @dataclass(frozen=True)
 class Kernels:
-    """The resolved choices: ``precision`` bf16|fp32, ``attention`` te|sdpa|local, ``recompute`` none|selective|full."""
+    """The resolved choices: ``precision`` bf16|fp32, ``attention`` te|sdpa|local, ``recompute`` none|selective|full,
+    ``experts`` grouped|sequential."""
 
     precision: str
     attention: str
     recompute: str
+    experts: str = "sequential"
 
     @classmethod
     def resolve(cls, model: ModelConfig, *, on_gpu: bool) -> "Kernels":
@@ -61,7 +65,7 @@ class Kernels:
             if error is not None:
                 raise ConfigError(f"model.attention=te needs Transformer Engine, which does not import here ({error}); "
                                   "install transformer-engine[pytorch] or set model.attention=sdpa (or auto)")
-        return cls(precision, attention, model.recompute)
+        return cls(precision, attention, model.recompute, _resolve_experts(model.experts, precision, attention, on_gpu))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -69,7 +73,7 @@ class Kernels:
 
     @property
     def grouped_gemm(self) -> bool:
-        return self.attention == "te"
+        return self.experts == "grouped"
 
     def transformer_config_kwargs(self) -> dict:
         """The TransformerConfig fields these choices set."""
@@ -84,6 +88,8 @@ class Kernels:
         """The decoder block spec: TE's modules, or Megatron's local ones with our core attention for sdpa."""
         if self.attention == "te":
             return get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization="RMSNorm")
+        if self.grouped_gemm:
+            install_torch_grouped_gemm()
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
         if config.sequence_parallel:
             spec = replace_in_spec(spec, WrappedTorchNorm, SequenceParallelTorchNorm)
@@ -94,8 +100,26 @@ class Kernels:
     def describe(self) -> str:
         """One line for the run's console, e.g. ``precision bf16 (fp32 main params, fp32 grad reduce) | ...``."""
         precision = "bf16 (fp32 main params, fp32 grad reduce)" if self.precision == "bf16" else "fp32"
-        experts = "grouped GEMM (Transformer Engine)" if self.grouped_gemm else "sequential"
+        experts = "sequential" if not self.grouped_gemm else \
+            "grouped GEMM (Transformer Engine)" if self.attention == "te" else "grouped GEMM (GroupedMLP, torch._grouped_mm)"
         return f"precision {precision} | attention {self.attention} | experts {experts} | recompute {self.recompute}"
+
+
+def _resolve_experts(experts: str, precision: str, attention: str, on_gpu: bool) -> str:
+    if attention == "te":
+        return "sequential" if experts == "sequential" else "grouped"
+    device = torch.device("cuda" if on_gpu else "cpu")
+    if experts == "auto":
+        return "grouped" if on_gpu and precision == "bf16" and torch_grouped_mm_error(device) is None else "sequential"
+    if experts == "grouped":
+        if precision != "bf16":
+            raise ConfigError("model.experts=grouped without Transformer Engine runs Megatron's GroupedMLP, which "
+                              "is bf16 only; set model.precision=bf16 or model.experts=sequential")
+        error = torch_grouped_mm_error(device)
+        if error is not None:
+            raise ConfigError(f"model.experts=grouped: torch's grouped matmul does not run on this {device.type} "
+                              f"({error}); set model.experts=sequential (or auto)")
+    return experts
 
 
 def replace_in_spec(spec, old: type, new: type):

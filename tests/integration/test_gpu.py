@@ -49,18 +49,22 @@ def test_distributed_optimizer_checkpoint_resumes_the_same_curve_on_gpu(tiny_con
 
 
 def test_bf16_follows_fp32_and_sdpa_equals_local_attention_on_gpu(tiny_config, tmp_path):
-    """model.precision=auto is bf16 on a GPU; its curve stays near fp32's (the CPU test's tolerance), and the
-    fused attention auto picks (TE where it imports, else SDPA) gives local attention's fp32 curve."""
+    """model.precision=auto is bf16 on a GPU; its curve stays near fp32's (the CPU test's tolerance), the fused
+    attention auto picks (TE where it imports, else SDPA) gives local attention's fp32 curve, and the grouped expert
+    GEMM auto picks follows the sequential experts."""
     runs = {name: (tmp_path / name, extra) for name, extra in {
         "fp32-local": ("model.precision=fp32", "model.attention=local"),
         "fp32-auto": ("model.precision=fp32",),
         "bf16-auto": (),
+        "bf16-sequential": ("model.experts=sequential",),
     }.items()}
     for run_dir, extra in runs.values():
         train(_config(tiny_config, run_dir, *extra))
     losses = {name: np.array(_losses(run_dir)) for name, (run_dir, _) in runs.items()}
     np.testing.assert_allclose(losses["fp32-auto"], losses["fp32-local"], rtol=2e-3)
     np.testing.assert_allclose(losses["bf16-auto"], losses["fp32-local"], rtol=0, atol=0.05)
+    # bf16 auto runs the experts as one grouped GEMM (TE's, or torch's under Megatron's GroupedMLP)
+    np.testing.assert_allclose(losses["bf16-auto"], losses["bf16-sequential"], rtol=0, atol=0.02)
 
 
 def test_rows_reach_the_gpu_through_pinned_buffers_on_a_side_stream_unchanged():

@@ -23,15 +23,15 @@ def test_default_preset_composes_and_validates(monkeypatch):
     cfg = compose_config()
     assert cfg.engram.enabled and cfg.engram.layers == [1] and cfg.engram.ngram_orders == [2, 3]
     assert cfg.engram.heads_per_order == 8 and cfg.engram.lr_multiplier == 5.0 and cfg.engram.gate_signed_sqrt
-    assert cfg.experiment.wandb.mode == "offline"
+    assert cfg.experiment.wandb.effective_mode() == "offline"
     assert cfg.experiment.run_dir == "outputs/tiny"
 
 
 def test_wandb_mode_follows_wandbs_own_environment_variable_unless_set(monkeypatch):
     """WANDB_MODE is how W&B users switch modes; wandb.init(mode=...) ignores it, so the default reads it."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert compose_config().experiment.wandb.mode == "disabled"
-    assert compose_config("experiment.wandb.mode=online").experiment.wandb.mode == "online"
+    assert compose_config().experiment.wandb.effective_mode() == "disabled"
+    assert compose_config("experiment.wandb.mode=online").experiment.wandb.effective_mode() == "online"
     monkeypatch.setenv("WANDB_MODE", "sometimes")
     with pytest.raises(ConfigError, match="experiment.wandb.mode"):
         compose_config()
