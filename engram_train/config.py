@@ -8,7 +8,6 @@ and name the key, the bad value and what is allowed.
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,12 +206,12 @@ class WandbConfig:
     console: bool = True
     #: Sample system metrics (CPU, memory, GPU) into the W&B run.
     system_metrics: bool = True
-    def effective_mode(self) -> str:
-        return self.mode or os.environ.get("WANDB_MODE") or "offline"
-
     #: Log each complete checkpoint as a W&B artifact (type checkpoint, aliases step_<n> and latest) that holds
     #: only a reference to its folder: nothing is uploaded or hashed.
     log_checkpoints: bool = False
+
+    def effective_mode(self) -> str:
+        return self.mode or os.environ.get("WANDB_MODE") or "offline"
 
 
 @dataclass

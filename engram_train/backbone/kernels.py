@@ -49,7 +49,7 @@ class Kernels:
     precision: str
     attention: str
     recompute: str
-    experts: str = "sequential"
+    experts: str
 
     @classmethod
     def resolve(cls, model: ModelConfig, *, on_gpu: bool) -> "Kernels":
