@@ -38,7 +38,8 @@ def torch_grouped_mm_error(device: torch.device, dtype: torch.dtype = torch.bflo
 def install_torch_grouped_gemm() -> str:
     """Make Megatron's ``GroupedMLP`` usable: the ``grouped_gemm`` package where it imports, else torch's op.
     Returns which one backs it."""
-    if grouped_gemm_util.grouped_gemm is not None and not getattr(grouped_gemm_util.grouped_gemm, "is_torch_shim", False):
+    package = grouped_gemm_util.grouped_gemm
+    if package is not None and not getattr(package, "is_torch_shim", False):
         return "grouped_gemm package"
     shim = types.SimpleNamespace(is_torch_shim=True, ops=types.SimpleNamespace(gmm=gmm))
     grouped_gemm_util.grouped_gemm = shim

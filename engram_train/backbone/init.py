@@ -74,8 +74,8 @@ def canonical_init_(gpt: torch.nn.Module, *, seed: int, std: float, num_layers: 
             continue  # norm gains stay at their constant init
         if match := _LEGACY_GROUPED.search(name):
             module = grouped[name[: match.start()] + ".experts."]
-            _init_legacy_grouped_(param, name[: match.start()] + ".experts", int(match.group(1)), module.num_local_experts,
-                                  ep_rank=ep_rank, rank=etp_rank, size=etp_size, seed=seed, std=std,
+            _init_legacy_grouped_(param, name[: match.start()] + ".experts", int(match.group(1)),
+                                  module.num_local_experts, ep_rank=ep_rank, rank=etp_rank, size=etp_size, seed=seed, std=std,
                                   num_layers=num_layers, glu=gated_linear_unit)
             continue
         is_expert = _local_expert_index(name) is not None
@@ -107,6 +107,7 @@ def _init_legacy_grouped_(param: torch.nn.Parameter, prefix: str, which: int, nu
                 mine = torch.cat([h.chunk(size, dim=0)[rank] for h in halves], dim=0)
         else:
             name = f"{prefix}.experts.{global_index}.linear_fc2.weight"
-            full = torch.randn(hidden, expert.shape[0] * size, generator=_generator(seed, name)) * (std / math.sqrt(2.0 * num_layers))
+            scale = std / math.sqrt(2.0 * num_layers)  # an output projection, as _SCALED_OUTPUT
+            full = torch.randn(hidden, expert.shape[0] * size, generator=_generator(seed, name)) * scale
             mine = full.chunk(size, dim=1)[rank] if size > 1 else full
         expert.copy_(mine.t().to(param.dtype))
