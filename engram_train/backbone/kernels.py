@@ -52,7 +52,7 @@ class Kernels:
     experts: str
 
     @classmethod
-    def resolve(cls, model: ModelConfig, *, on_gpu: bool) -> "Kernels":
+    def resolve(cls, model: ModelConfig, *, on_gpu: bool, expert_tp: int = 1) -> "Kernels":
         precision = model.precision if model.precision != "auto" else ("bf16" if on_gpu else "fp32")
         attention = model.attention
         if attention == "auto":
@@ -65,7 +65,7 @@ class Kernels:
             if error is not None:
                 raise ConfigError(f"model.attention=te needs Transformer Engine, which does not import here ({error}); "
                                   "install transformer-engine[pytorch] or set model.attention=sdpa (or auto)")
-        return cls(precision, attention, model.recompute, _resolve_experts(model.experts, precision, attention, on_gpu))
+        return cls(precision, attention, model.recompute, _resolve_experts(model, precision, attention, on_gpu, expert_tp))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -105,16 +105,25 @@ class Kernels:
         return f"precision {precision} | attention {self.attention} | experts {experts} | recompute {self.recompute}"
 
 
-def _resolve_experts(experts: str, precision: str, attention: str, on_gpu: bool) -> str:
+def _resolve_experts(model: ModelConfig, precision: str, attention: str, on_gpu: bool, expert_tp: int) -> str:
+    experts = model.experts
     if attention == "te":
         return "sequential" if experts == "sequential" else "grouped"
     device = torch.device("cuda" if on_gpu else "cpu")
+    # torch's grouped matmul wants 16-byte row strides: bf16 rows of a multiple of 8 elements.
+    width = model.moe_ffn_hidden_size // max(1, expert_tp)
+    aligned = model.hidden_size % 8 == 0 and width % 8 == 0
     if experts == "auto":
-        return "grouped" if on_gpu and precision == "bf16" and torch_grouped_mm_error(device) is None else "sequential"
+        return "grouped" if on_gpu and precision == "bf16" and aligned and torch_grouped_mm_error(device) is None \
+            else "sequential"
     if experts == "grouped":
         if precision != "bf16":
             raise ConfigError("model.experts=grouped without Transformer Engine runs Megatron's GroupedMLP, which "
                               "is bf16 only; set model.precision=bf16 or model.experts=sequential")
+        if not aligned:
+            raise ConfigError(f"model.experts=grouped: torch's grouped matmul needs model.hidden_size "
+                              f"({model.hidden_size}) and each TP rank's expert width (model.moe_ffn_hidden_size / "
+                              f"parallel.tp = {width}) to be multiples of 8; change them or set model.experts=sequential")
         error = torch_grouped_mm_error(device)
         if error is not None:
             raise ConfigError(f"model.experts=grouped: torch's grouped matmul does not run on this {device.type} "

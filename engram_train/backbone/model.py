@@ -146,7 +146,7 @@ class EngramMoEModel(nn.Module):
         # Float16Module wrapper is not used: it would only cast float inputs (ours are token ids; Engram rows
         # are cast by the blocks) and outputs (the per-token loss is already fp32), and it would rename every
         # parameter under ``module.``, which keys the canonical init and the checkpoints.
-        self.kernels = Kernels.resolve(model, on_gpu=not on_cpu)
+        self.kernels = Kernels.resolve(model, on_gpu=not on_cpu, expert_tp=tp)
         self.config = transformer_config(model, self.kernels, tp=tp, ep=ep, on_cpu=on_cpu)
         self.gpt = GPTModel(
             config=self.config,

@@ -40,3 +40,7 @@ def test_experts_are_grouped_where_asked_in_bf16_and_sequential_by_default_on_cp
     assert grouped.grouped_gemm and "torch._grouped_mm" in grouped.describe()
     with pytest.raises(ConfigError, match="model.experts=grouped .* bf16 only"):
         Kernels.resolve(ModelConfig(precision="fp32", experts="grouped"), on_gpu=False)
+    narrow = ModelConfig(precision="bf16", experts="grouped", moe_ffn_hidden_size=24)
+    assert Kernels.resolve(narrow, on_gpu=False).grouped_gemm
+    with pytest.raises(ConfigError, match=r"parallel.tp = 12\) to be multiples of 8"):
+        Kernels.resolve(narrow, on_gpu=False, expert_tp=2)
