@@ -14,7 +14,6 @@ Without a GPU it runs a small CPU configuration (the script's own check; its fig
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -37,6 +36,7 @@ SHAPES = {"gpu": (12, 1024, 16, 16, 2, 1024, 2048, 8), "cpu": (2, 64, 4, 4, 2, 6
 
 
 def config(shape: str, *, engram: bool, rows: int, shared_expert: int = 0, expert_kernels: str = "auto") -> Config:
+    """``expert_kernels``: model.experts (the side-by-side sequential baseline sets it)."""
     layers, hidden, heads, experts, topk, width, seq, micro = SHAPES[shape]
     cfg = Config()
     m = cfg.model
@@ -99,7 +99,8 @@ def main() -> None:
                    "engram_prefetch": TableRunner(engram_cfg, dims, groups, hasher, prefetch=True)}
         if runners["moe_baseline"].model.kernels.grouped_gemm:
             # the same baseline with its experts one after another: what the grouped expert GEMM buys
-            sequential = dataclasses.replace(baseline_cfg, model=dataclasses.replace(baseline_cfg.model, experts="sequential"))
+            width = baseline_cfg.model.moe_shared_expert_intermediate_size
+            sequential = config(shape, engram=False, rows=rows, shared_expert=width, expert_kernels="sequential")
             runners["moe_sequential_experts"] = TableRunner(sequential, dims, groups, None, prefetch=False)
         kernels = runners["engram_prefetch"].model.kernels.describe()
         for runner in runners.values():
@@ -141,8 +142,8 @@ def main() -> None:
     print(f"activated params: Engram-MoE {result['activated_params']['engram_moe']:,}, "
           f"MoE {result['activated_params']['moe_baseline']:,}; table {hasher.num_rows:,} rows in host RAM")
     for name, seconds in median.items():
-        mfu = f", MFU {result['mfu'][name]:.1%}" if result["mfu"] and name in result["mfu"] else ""
-        print(f"  {name:<16} {seconds * 1000:8.1f} ms/step  ({tokens / seconds:,.0f} tokens/s{mfu})")
+        mfu = f", MFU {result['mfu'][name]:.1%}" if result["mfu"] else ""
+        print(f"  {name:<22} {seconds * 1000:8.1f} ms/step  ({tokens / seconds:,.0f} tokens/s{mfu})")
     print(f"Engram-MoE / MoE step time: {result['ratio_engram_vs_baseline']:.3f}x (goal <= 1.03x)")
     if result["ratio_grouped_vs_sequential_experts"] is not None:
         print(f"MoE step time, grouped / sequential experts: {result['ratio_grouped_vs_sequential_experts']:.3f}x")

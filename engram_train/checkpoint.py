@@ -396,11 +396,13 @@ class Checkpointer:
                 f"resume with optim.distributed={setting.get(saved_optimizer, '?')} as the run that wrote it"
             )
         saved_layout = meta.get("backbone_optimizer_layout")
+        if saved_layout is not None:
+            saved_layout = {"experts": "sequential", **saved_layout}  # written before grouped experts existed
         if saved_layout is not None and saved_layout != optimizer.fixed_layout:
             raise CheckpointError(
                 f"{path}: its distributed-optimizer state was written at parallel.tp={saved_layout['tp']} "
-                f"parallel.ep={saved_layout['ep']} and loads only there (this run: {optimizer.fixed_layout}); "
-                "resume with those settings"
+                f"parallel.ep={saved_layout['ep']} model.experts={saved_layout['experts']} and loads only there "
+                f"(this run: {optimizer.fixed_layout}); resume with those settings"
             )
         load_backbone(model, optimizer, path / "backbone")
         if table is not None:

@@ -413,9 +413,9 @@ def validate(cfg: Config) -> None:
         _check(sc.reference_experts > m.moe_router_topk, "scaling.reference_experts", sc.reference_experts,
                f"must exceed model.moe_router_topk={m.moe_router_topk} (the pure-MoE reference needs sparse experts)")
     _check(sc.total_params >= 0 and sc.activated_params >= 0, "scaling.total_params", sc.total_params, "targets must be >= 0 (0: from the reference)")
-    _check(x.wandb.effective_mode() in ("offline", "online", "disabled"), "experiment.wandb.mode",
-           x.wandb.effective_mode(), "choose one of offline, online, disabled (where the key is empty, W&B's "
-           "WANDB_MODE environment variable sets it)")
+    _check(x.wandb.effective_mode() in ("offline", "online", "disabled"),
+           "experiment.wandb.mode" if x.wandb.mode else "experiment.wandb.mode (empty: from WANDB_MODE)",
+           x.wandb.effective_mode(), "choose one of offline, online, disabled")
     _check(x.eval_tokens >= d.seq_len, "experiment.eval_tokens", x.eval_tokens, f"must be >= data.seq_len={d.seq_len}")
     _check(x.checkpoint_every >= 0, "experiment.checkpoint_every", x.checkpoint_every, "must be >= 0 (0: only at the end)")
 

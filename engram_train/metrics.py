@@ -52,7 +52,7 @@ class MetricsLogger:
         # One W&B run id per run folder: every resume appends to the same W&B run.
         run_id_file = run_dir / "wandb_run_id"
         run_id = run_id_file.read_text().strip() if run_id_file.exists() else secrets.token_hex(4)
-        run_id_file.write_text(run_id)
+        atomic_write_text(run_id_file, run_id)
         self.wandb_run = wandb_sdk.init(
             project=wandb.project, entity=wandb.entity, name=name, group=wandb.group or None, job_type=wandb.job_type,
             tags=tags or None, id=run_id, resume="allow", mode=wandb.effective_mode(), dir=str(run_dir), config=config,

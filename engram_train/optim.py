@@ -157,8 +157,10 @@ class MegatronDistributedAdam:
         from megatron.core import parallel_state
         from megatron.core.optimizer import get_megatron_optimizer
 
+        # Its flat buffers follow the parameter order, which grouped and sequential experts order differently.
         self.fixed_layout = {"tp": parallel_state.get_tensor_model_parallel_world_size(),
-                             "ep": parallel_state.get_expert_model_parallel_world_size()}
+                             "ep": parallel_state.get_expert_model_parallel_world_size(),
+                             "experts": model.kernels.experts}
 
         config = megatron_optimizer_config(optim, model.config.params_dtype)
         self.optimizer = get_megatron_optimizer(config, [grad_sync.ddp], config_overrides=megatron_decay_overrides(),

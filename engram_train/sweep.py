@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from engram_train.atomic_files import atomic_write_text
+from engram_train.config import WandbConfig
 
 #: Fewest distinct rho values a loss curve is fit on (and picked as a budget's headline curve with).
 MIN_FIT_POINTS = 4
@@ -593,7 +594,8 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("dirs", nargs="+", type=Path, help="sweep folders (every result.json below them is read)")
     a.add_argument("--out", type=Path, default=None, help="where summary.md, analysis.json and the PNG go (default: first dir)")
     a.add_argument("--infinite-memory", action="store_true", help="also fit loss vs Engram rows (series infinite_memory)")
-    a.add_argument("--wandb", default=os.environ.get("WANDB_MODE", "offline"), choices=("offline", "online", "disabled"))
+    a.add_argument("--wandb", default=WandbConfig().effective_mode(), choices=("offline", "online", "disabled"),
+                   help="W&B mode of the analysis run (default: WANDB_MODE, else offline)")
     a.add_argument("--project", default="engram-train")
     a.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates for the argmin interval")
     args = parser.parse_args(argv)

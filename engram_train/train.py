@@ -33,6 +33,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from engram_train.atomic_files import atomic_write_text
 from engram_train.backbone import build_model
 from engram_train.checkpoint import Checkpointer, CheckpointWriteError, rng_state, set_rng_state
 from engram_train import relaunch
@@ -212,7 +213,7 @@ def open_logger(run: TrainingRun, state: TrainState, allocation: AllocationPlan 
     if state.step == 0:
         logger.log(0, {f"params/{k}": v for k, v in run.accounting.to_dict().items()}, console=False)
     if run.dims.is_main:
-        (Path(x.run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        atomic_write_text(Path(x.run_dir) / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     return logger
 
 
@@ -326,6 +327,7 @@ def train_loop(run: TrainingRun, state: TrainState, logger: MetricsLogger, lates
         "stop_signal": run.watch.requested,
         "checkpoint": str(checkpoint) if checkpoint else None,
         "wandb_dir": logger.wandb_dir,
+        "wandb_mode": x.wandb.effective_mode(),
         "run_dir": str(x.run_dir),
     }
 
@@ -418,8 +420,9 @@ def format_summary(summary: dict, accounting=None) -> str:
           if summary["skipped_steps"] else []),
         f"  checkpoint           {summary['checkpoint']}",
         # every segment of the run (one per session, the same W&B run id): syncing only the last loses the rest
-        f"  W&B run (offline)    {summary['wandb_dir']}   (sync: wandb sync {Path(summary['wandb_dir']).parent}/offline-run-*)"
-        if summary["wandb_dir"] else "  W&B run              none (experiment.wandb.mode=disabled)",
+        (f"  W&B run (offline)    {summary['wandb_dir']}   (sync: wandb sync {Path(summary['wandb_dir']).parent}/offline-run-*)"
+         if summary.get("wandb_mode", "offline") == "offline" else f"  W&B run (online)     {summary['wandb_dir']}")
+        if summary["wandb_dir"] else "  W&B run              none (W&B mode disabled)",
         f"  metrics              {summary['run_dir']}/metrics.jsonl",
     ]
     return "\n".join(lines)

@@ -35,13 +35,18 @@ def torch_grouped_mm_error(device: torch.device, dtype: torch.dtype = torch.bflo
     return None
 
 
-def install_torch_grouped_gemm() -> str:
-    """Make Megatron's ``GroupedMLP`` usable: the ``grouped_gemm`` package where it imports, else torch's op.
-    Returns which one backs it."""
+def grouped_gemm_backend() -> str:
+    """What Megatron's ``GroupedMLP`` multiplies with here: the ``grouped_gemm`` package where it imports, else
+    torch's op (after ``install_torch_grouped_gemm``)."""
     package = grouped_gemm_util.grouped_gemm
-    if package is not None and not getattr(package, "is_torch_shim", False):
-        return "grouped_gemm package"
+    return "grouped_gemm package" if package is not None and not getattr(package, "is_torch_shim", False) \
+        else "torch._grouped_mm"
+
+
+def install_torch_grouped_gemm() -> None:
+    """Make Megatron's ``GroupedMLP`` usable: torch's op where the ``grouped_gemm`` package does not import."""
+    if grouped_gemm_backend() == "grouped_gemm package":
+        return
     shim = types.SimpleNamespace(is_torch_shim=True, ops=types.SimpleNamespace(gmm=gmm))
     grouped_gemm_util.grouped_gemm = shim
     grouped_gemm_util.ops = shim.ops
-    return "torch._grouped_mm"

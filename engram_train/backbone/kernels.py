@@ -27,7 +27,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-from engram_train.backbone.grouped_gemm import install_torch_grouped_gemm, torch_grouped_mm_error
+from engram_train.backbone.grouped_gemm import grouped_gemm_backend, install_torch_grouped_gemm, torch_grouped_mm_error
 from engram_train.backbone.norm import SequenceParallelTorchNorm
 from engram_train.config import ConfigError, ModelConfig
 
@@ -100,8 +100,12 @@ class Kernels:
     def describe(self) -> str:
         """One line for the run's console, e.g. ``precision bf16 (fp32 main params, fp32 grad reduce) | ...``."""
         precision = "bf16 (fp32 main params, fp32 grad reduce)" if self.precision == "bf16" else "fp32"
-        experts = "sequential" if not self.grouped_gemm else \
-            "grouped GEMM (Transformer Engine)" if self.attention == "te" else "grouped GEMM (GroupedMLP, torch._grouped_mm)"
+        if not self.grouped_gemm:
+            experts = "sequential"
+        elif self.attention == "te":
+            experts = "grouped GEMM (Transformer Engine)"
+        else:
+            experts = f"grouped GEMM (GroupedMLP, {grouped_gemm_backend()})"
         return f"precision {precision} | attention {self.attention} | experts {experts} | recompute {self.recompute}"
 
 

@@ -152,7 +152,8 @@ _REFERENCES: dict[tuple[float, str], torch.Tensor] = {}
 def _reference(aux_loss_coeff: float, precision: str = "fp32") -> torch.Tensor:
     key = (aux_loss_coeff, precision)
     if key not in _REFERENCES:
-        _REFERENCES[key] = run_ranks(1, _run, 1, 1, aux_loss_coeff, False, "auto", None, precision)[0]
+        _REFERENCES[key] = run_ranks(1, _run, 1, 1, aux_loss_coeff, False, "auto", None, precision, "auto", "none",
+                                     "sequential")[0]
     return _REFERENCES[key]
 
 
@@ -199,7 +200,7 @@ def test_distributed_optimizer_matches_single_process_adamw_across_a_resume(tmp_
     _assert_match(results, _reference(0.0, precision), precision)
     meta = json.loads(next((tmp_path / "checkpoints").glob("step_*/meta.json")).read_text())
     assert meta["backbone_optimizer"] == "megatron_distributed"
-    assert meta["backbone_optimizer_layout"] == {"tp": 1, "ep": 2}
+    assert meta["backbone_optimizer_layout"] == {"tp": 1, "ep": 2, "experts": "sequential"}
 
 
 @pytest.mark.parametrize(

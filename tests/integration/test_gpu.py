@@ -64,6 +64,8 @@ def test_bf16_follows_fp32_and_sdpa_equals_local_attention_on_gpu(tiny_config, t
     np.testing.assert_allclose(losses["fp32-auto"], losses["fp32-local"], rtol=2e-3)
     np.testing.assert_allclose(losses["bf16-auto"], losses["fp32-local"], rtol=0, atol=0.05)
     # bf16 auto runs the experts as one grouped GEMM (TE's, or torch's under Megatron's GroupedMLP)
+    from engram_train.backbone.kernels import Kernels
+    assert Kernels.resolve(_config(tiny_config, tmp_path / "x").model, on_gpu=True).grouped_gemm
     np.testing.assert_allclose(losses["bf16-auto"], losses["bf16-sequential"], rtol=0, atol=0.02)
 
 
