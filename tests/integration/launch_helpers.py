@@ -82,6 +82,22 @@ def job_fields(job_id: str, env: dict) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
+def release_requeued_job(job_id: str, env: dict) -> subprocess.CompletedProcess:
+    """Start a requeued (PENDING) job now instead of after SLURM's ~2 minute BeginTime hold.
+
+    Released too early, slurmd refuses it ("Killing non-startable batch JobId=1: Job credential revoked", seen in
+    CI): it revokes the old run's credential when that run is cleaned up, and a new credential issued within the same
+    second counts as revoked (both are stamped in whole seconds). So wait until the node is idle (the old run is
+    gone), then until the clock has passed the next whole second, then release."""
+    def idle_since():  # "State=IDLE " only: IDLE+COMPLETING means the old run is still being cleaned up
+        nodes = run(["scontrol", "show", "nodes"], env=env).stdout
+        return time.time() if re.search(r"\bState=IDLE\s", nodes) else None
+
+    idle = wait_for(idle_since, timeout_s=120, what=f"the node to be idle after job {job_id}'s requeue", poll_s=0.2)
+    wait_for(lambda: time.time() >= int(idle) + 1.05, timeout_s=5, what="the next whole second", poll_s=0.05)
+    return run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env)
+
+
 def wait_for(predicate, *, timeout_s: float, what: str, poll_s: float = 1.0):
     """Poll ``predicate`` until it returns something truthy; raise TimeoutError naming ``what``."""
     deadline = time.monotonic() + timeout_s

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import TINY_OVERRIDES
-from .launch_helpers import REPO, job_fields, run, wait_for
+from .launch_helpers import REPO, job_fields, release_requeued_job, run, wait_for
 
 
 LOCAL_SLURM = REPO / "launch" / "local_slurm.sh"
@@ -116,8 +116,8 @@ def test_srun_per_rank_job_requeues_before_time_limit_and_resumes(slurm, tiny_da
     assert run(["scancel", "--signal=USR1", "--batch", job], env=env).returncode == 0
     wait_for(lambda: (lambda f: f.get("Restarts") == "1" and f.get("JobState") == "PENDING")(job_fields(job, env)),
              timeout_s=150, what=f"job {job} requeued")
-    # SLURM holds a requeued job back ~2 minutes (BeginTime); release it now.
-    released = run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env)
+    # SLURM holds a requeued job back ~2 minutes (BeginTime); release it as soon as it can start.
+    released = release_requeued_job(job, env)
     assert released.returncode == 0, released.stderr
     fields = _wait_finished(job, env, log, timeout_s=180)
 
@@ -209,7 +209,7 @@ def test_submitit_usr2_checkpoints_then_submitit_requeues_and_the_job_resumes(sl
         assert run(["scancel", "--signal=USR2", job], env=slurm).returncode == 0
         wait_for(lambda: (lambda f: f.get("Restarts") == "1" and f.get("JobState") == "PENDING")(job_fields(job, slurm)),
                  timeout_s=150, what=f"job {job} requeued by submitit")
-        released = run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm)  # skip SLURM's BeginTime hold
+        released = release_requeued_job(job, slurm)  # skip SLURM's BeginTime hold
         assert released.returncode == 0, released.stderr
         output, _ = launcher.communicate(timeout=240)
         assert launcher.returncode == 0, f"multirun failed:\n{output[-3000:]}"
