@@ -120,6 +120,7 @@ tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0,0.2,0.4 optim.lr=1
 tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.2 optim.lr=2.4e-2
 tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.2 optim.lr=1.2e-2 experiment.seed=1236
 tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=1.0 optim.lr=1.2e-2
+tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=1.0 optim.lr=2.4e-2
 wait $r10_3x
 $PY -m engram_train.sweep analyze outputs/sweeps/sweep_tiny outputs/sweeps/sweep_tiny_3x outputs/sweeps/sweep_tiny_r10 \
   outputs/sweeps/sweep_tiny_r10_3x --infinite-memory \
