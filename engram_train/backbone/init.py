@@ -47,10 +47,16 @@ def _global_name(name: str, num_local_experts: int, ep_rank: int) -> str:
     return name
 
 
-def _tp_slice(full: torch.Tensor, param: torch.nn.Parameter, rank: int, size: int, glu: bool) -> torch.Tensor:
-    if size == 1 or not getattr(param, "tensor_model_parallel", False):
+def _draw(seed: int, name: str, shape: list[int], *, std: float, num_layers: int) -> torch.Tensor:
+    """The full weight called ``name``: N(0, std), output projections std/sqrt(2L), as Megatron does."""
+    scale = std / math.sqrt(2.0 * num_layers) if name.endswith(_SCALED_OUTPUT) else std
+    return torch.randn(shape, generator=_generator(seed, name), dtype=torch.float32) * scale
+
+
+def _slice(full: torch.Tensor, dim: int, rank: int, size: int, glu: bool) -> torch.Tensor:
+    """This TP rank's part of ``full`` along ``dim``."""
+    if size == 1:
         return full
-    dim = param.partition_dim
     if glu:
         # A gated fc1 holds [gate; up]; each TP rank keeps its slice of both halves.
         gate, up = full.chunk(2, dim=dim)
@@ -75,8 +81,8 @@ def canonical_init_(gpt: torch.nn.Module, *, seed: int, std: float, num_layers: 
         if match := _LEGACY_GROUPED.search(name):
             module = grouped[name[: match.start()] + ".experts."]
             _init_legacy_grouped_(param, name[: match.start()] + ".experts", int(match.group(1)),
-                                  module.num_local_experts, ep_rank=ep_rank, rank=etp_rank, size=etp_size, seed=seed, std=std,
-                                  num_layers=num_layers, glu=gated_linear_unit)
+                                  module.num_local_experts, ep_rank=ep_rank, rank=etp_rank, size=etp_size, seed=seed,
+                                  std=std, num_layers=num_layers, glu=gated_linear_unit)
             continue
         is_expert = _local_expert_index(name) is not None
         canonical = _global_name(name, num_local_experts, ep_rank)
@@ -84,10 +90,11 @@ def canonical_init_(gpt: torch.nn.Module, *, seed: int, std: float, num_layers: 
         full_shape = list(param.shape)
         if size > 1 and getattr(param, "tensor_model_parallel", False):
             full_shape[param.partition_dim] *= size
-        scale = std / math.sqrt(2.0 * num_layers) if canonical.endswith(_SCALED_OUTPUT) else std
-        full = torch.randn(full_shape, generator=_generator(seed, canonical), dtype=torch.float32) * scale
+        full = _draw(seed, canonical, full_shape, std=std, num_layers=num_layers)
         glu = gated_linear_unit and canonical.endswith("linear_fc1.weight")
-        param.copy_(_tp_slice(full, param, rank, size, glu).to(param.dtype))
+        if getattr(param, "tensor_model_parallel", False):
+            full = _slice(full, param.partition_dim, rank, size, glu)
+        param.copy_(full.to(param.dtype))
 
 
 def _init_legacy_grouped_(param: torch.nn.Parameter, prefix: str, which: int, num_local_experts: int, *, ep_rank: int,
@@ -97,17 +104,11 @@ def _init_legacy_grouped_(param: torch.nn.Parameter, prefix: str, which: int, nu
     hidden = param.shape[0] if which == 1 else param.shape[1]
     experts = param.view(num_local_experts, hidden, -1) if which == 1 else param.view(num_local_experts, -1, hidden)
     for local, expert in enumerate(experts):
-        global_index = ep_rank * num_local_experts + local
-        if which == 1:
-            name = f"{prefix}.experts.{global_index}.linear_fc1.weight"
-            full = torch.randn(expert.shape[1] * size, hidden, generator=_generator(seed, name)) * std
-            mine = full
-            if size > 1:
-                halves = full.chunk(2, dim=0) if glu else (full,)
-                mine = torch.cat([h.chunk(size, dim=0)[rank] for h in halves], dim=0)
-        else:
-            name = f"{prefix}.experts.{global_index}.linear_fc2.weight"
-            scale = std / math.sqrt(2.0 * num_layers)  # an output projection, as _SCALED_OUTPUT
-            full = torch.randn(hidden, expert.shape[0] * size, generator=_generator(seed, name)) * scale
-            mine = full.chunk(size, dim=1)[rank] if size > 1 else full
+        name = f"{prefix}.experts.{ep_rank * num_local_experts + local}.linear_fc{which}.weight"
+        if which == 1:  # column-parallel [out, hidden], out split over expert-TP ranks
+            full = _draw(seed, name, [expert.shape[1] * size, hidden], std=std, num_layers=num_layers)
+            mine = _slice(full, 0, rank, size, glu)
+        else:  # row-parallel [hidden, in], in split
+            full = _draw(seed, name, [hidden, expert.shape[0] * size], std=std, num_layers=num_layers)
+            mine = _slice(full, 1, rank, size, False)
         expert.copy_(mine.t().to(param.dtype))
