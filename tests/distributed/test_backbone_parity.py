@@ -56,16 +56,30 @@ def _backbone(cfg, dims, grad_sync: str):
 
 
 def _adam_state(optimizer) -> list[torch.Tensor]:
-    """Every main parameter and Adam moment of Megatron's DistributedOptimizer in its inner Adam's own order, read
-    from Adam's lists rather than through the parameter numbering its checkpoint code uses (which bf16 needed
-    mended: a wrong number hands a parameter another's state, silently where the shapes agree). Empty for AdamW."""
+    """Every main parameter and Adam moment in the inner Adam's own order (Megatron's DistributedOptimizer: each
+    part's; TorchAdamW: its fp32 main copies), read from Adam's lists rather than through the parameter numbering
+    Megatron's checkpoint code uses (which bf16 needed mended: a wrong number hands a parameter another's state,
+    silently where the shapes agree)."""
+    inner = [part.optimizer for part in optimizer.parts] if hasattr(optimizer, "parts") else [optimizer.optimizer]
     state = []
-    for part in getattr(optimizer, "parts", []):
-        for group in (part.optimizer.param_groups if part.optimizer is not None else []):
+    for adam in filter(None, inner):
+        for group in adam.param_groups:
             for param in group["params"]:
-                moments = part.optimizer.state.get(param, {})
+                moments = adam.state.get(param, {})
                 state += [param.detach().clone(), *(moments[k].clone() for k in ("exp_avg", "exp_avg_sq") if k in moments)]
     return state
+
+
+def _loaded_with_experts(cfg, dims, grad_sync: str, experts: str, checkpointer, path, table, dp_rank: int):
+    """A fresh model and optimizer with ``model.experts=experts``, every weight moved off its init first (so a weight
+    the load skips cannot pass for a loaded one), then loaded from ``path``."""
+    cfg.model.experts = experts
+    model, sync, optimizer = _backbone(cfg, dims, grad_sync)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    checkpointer.load(path, model=model, optimizer=optimizer, table=table, dp_rank=dp_rank)
+    return model, sync, optimizer
 
 
 def _config(world: int, tp: int, ep: int, aux_loss_coeff: float = 0.0, grad_sync: str = "auto", precision: str = "fp32",
@@ -94,7 +108,7 @@ def _config(world: int, tp: int, ep: int, aux_loss_coeff: float = 0.0, grad_sync
 
 def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetch: bool = False,
          grad_sync: str = "auto", resume_dir: str | None = None, precision: str = "fp32", attention: str = "auto",
-         recompute: str = "none", experts: str = "auto"):
+         recompute: str = "none", experts: str = "auto", resume_experts: str | None = None):
     from engram_train.checkpoint import Checkpointer
     from engram_train.engram import NgramHasher
     from engram_train.memory import ShardedEngramTable, TablePrefetcher, UniqueIds
@@ -128,10 +142,29 @@ def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetc
                 checkpointer = Checkpointer(resume_dir, rank=rank, world=world, keep=1)
                 path = checkpointer.save(step, model=model, optimizer=optimizer, table=table,
                                          rank_state={"dp_rank": dp_rank}, meta={})
-                saved = _adam_state(optimizer)
-                model, sync, optimizer = _backbone(cfg, dims, grad_sync)
-                checkpointer.load(path, model=model, optimizer=optimizer, table=table, dp_rank=dp_rank)
-                loaded = _adam_state(optimizer)
+                saved, weights = _adam_state(optimizer), _tensors(model.state_dict())
+                if resume_experts is None:
+                    model, sync, optimizer = _loaded_with_experts(cfg, dims, grad_sync, experts, checkpointer, path,
+                                                                  table, dp_rank)
+                else:
+                    # Resumed with the other expert layout. Its exactness: that model, saved again and loaded back
+                    # into this layout, gives the saved weights and Adam state exactly (the other direction, grouped
+                    # -> sequential, is checked against Megatron's format on its own below), and the curve goes on.
+                    model, sync, optimizer = _loaded_with_experts(cfg, dims, grad_sync, resume_experts, checkpointer,
+                                                                  path, table, dp_rank)
+                    assert any(type(m).__name__ == {"grouped": "GroupedMLP", "sequential": "SequentialMLP"}[resume_experts]
+                               for m in model.modules())
+                    back = Checkpointer(f"{resume_dir}/round_trip", rank=rank, world=world, keep=1)
+                    back_path = back.save(step, model=model, optimizer=optimizer, table=table,
+                                          rank_state={"dp_rank": dp_rank}, meta={})
+                    round_trip, _, round_trip_optimizer = _loaded_with_experts(cfg, dims, grad_sync, experts, back,
+                                                                               back_path, table, dp_rank)
+                    assert _tensors(round_trip.state_dict()).keys() == weights.keys()
+                    assert all(torch.equal(weights[k], v) for k, v in _tensors(round_trip.state_dict()).items()), \
+                        f"{experts} -> {resume_experts} -> {experts} gives the weights back exactly"
+                    optimizer_back = _adam_state(round_trip_optimizer)
+                    cfg.model.experts = resume_experts
+                loaded = _adam_state(optimizer) if resume_experts is None else optimizer_back
                 assert saved and len(loaded) == len(saved) and all(torch.equal(a, b) for a, b in zip(saved, loaded)), \
                     "the backbone optimizer's main parameters and moments come back exactly, each to its own parameter"
             result = train_step(model, sync, table, prefetcher, batches, plan, dims)
@@ -144,6 +177,10 @@ def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetc
         return torch.tensor(losses, dtype=torch.float64)
     finally:
         destroy_process_groups()
+
+
+def _tensors(state: dict) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 _REFERENCES: dict[tuple[float, str], torch.Tensor] = {}
@@ -229,6 +266,19 @@ def test_grouped_experts_match_the_sequential_ones(tmp_path, world, tp, ep, grad
     _assert_match(results, _reference(0.0, "bf16"), "grouped")
 
 
+def test_a_sequential_experts_checkpoint_resumes_with_grouped_experts(tmp_path):
+    """TP=2 x EP=2, bf16, AdamW: trained with sequential experts, saved after step 3 and resumed with grouped ones
+    (model.experts=auto picks grouped on a GPU, so a job moved from CPU to GPU does this): the weights and Adam state
+    survive the change exactly (round trip), and the curve is the sequential run's at the same layout: identical up to
+    the resume, within grouped-vs-sequential rounding after it (vs the one-process run TP's bf16 rounding would
+    dominate: 3.0e-3 at TP=2 x EP=2 alone, measured)."""
+    switched = run_ranks(4, _run, 2, 2, 0.0, False, "auto", str(tmp_path), "bf16", "auto", "none", "sequential",
+                         "grouped")
+    stayed = run_ranks(4, _run, 2, 2, 0.0, False, "auto", None, "bf16", "auto", "none", "sequential")
+    assert all(torch.equal(a[:RESUME_AT], b[:RESUME_AT]) for a, b in zip(switched, stayed))
+    _assert_match(switched, stayed[0], "grouped")
+
+
 def _grouped_checkpoint_as_sequential(rank: int, world: int, tp: int, ep: int, folder: str) -> bool:
     """A freshly initialised grouped model, saved, loaded into a sequential one: its weights must be exactly the ones
     a sequential model initialises itself with. The reference is Megatron's own GroupedMLP checkpoint format (each
@@ -254,12 +304,9 @@ def _grouped_checkpoint_as_sequential(rank: int, world: int, tp: int, ep: int, f
                                  rank_state={"dp_rank": groups.data_parallel_rank}, meta={})
         cfg.model.experts = "sequential"
         fresh, _, _ = _backbone(cfg, dims, "auto")
-        loaded, _, optimizer = _backbone(cfg, dims, "auto")
+        loaded, _, _ = _loaded_with_experts(cfg, dims, "auto", "sequential", checkpointer, path, table,
+                                            groups.data_parallel_rank)
         assert any(type(m).__name__ == "SequentialMLP" for m in loaded.modules())
-        with torch.no_grad():
-            for param in loaded.parameters():
-                param.add_(1.0)  # so a weight the load skips cannot pass for a loaded one
-        checkpointer.load(path, model=loaded, optimizer=optimizer, table=table, dp_rank=groups.data_parallel_rank)
         expected, got = fresh.state_dict(), loaded.state_dict()
         return expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected
                                                      if isinstance(expected[k], torch.Tensor))
