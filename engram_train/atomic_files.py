@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
+
+import torch
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -36,3 +38,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_copy(source: Path, path: Path) -> None:
     with open(source, "rb") as src:
         atomic_write(path, lambda f: shutil.copyfileobj(src, f))
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))

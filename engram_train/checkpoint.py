@@ -57,7 +57,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import (
 )
 from torch.distributed.checkpoint.api import CheckpointException
 
-from engram_train.atomic_files import atomic_write, atomic_write_text
+from engram_train.atomic_files import atomic_torch_save, atomic_write_text
 from engram_train.backbone.dcp_files import backbone_sharded_state_dict, load_backbone, read_dcp_metadata
 from engram_train.memory import table_files
 from engram_train.parallel import on_every_rank
@@ -114,10 +114,6 @@ def _to_plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 class Checkpointer:

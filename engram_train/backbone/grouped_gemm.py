@@ -10,6 +10,7 @@ because no library exposes torch's op under the package's interface (three lines
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -23,8 +24,10 @@ def gmm(a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bo
     return torch._grouped_mm(a, b.transpose(-1, -2) if trans_b else b, offs=offsets)
 
 
+@functools.cache
 def torch_grouped_mm_error(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str | None:
-    """Why torch's grouped matmul does not run here (None: it does), from one tiny call with a gradient."""
+    """Why torch's grouped matmul does not run here (None: it does), from one tiny call with a gradient; probed once
+    per device and dtype in a process (every model build asks)."""
     try:
         a = torch.ones(8, 8, dtype=dtype, device=device, requires_grad=True)
         b = torch.ones(2, 8, 8, dtype=dtype, device=device, requires_grad=True)

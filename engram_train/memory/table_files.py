@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engram_train.atomic_files import atomic_write, atomic_write_text
+from engram_train.atomic_files import atomic_torch_save, atomic_write_text
 
 if TYPE_CHECKING:
     from engram_train.memory.table import ShardedEngramTable
@@ -76,7 +76,7 @@ def snapshot_table(table: ShardedEngramTable) -> TableSnapshot:
 def write_table_files(snapshot: TableSnapshot, folder: str | os.PathLike) -> None:
     """This rank's table files into ``folder``, each atomically: its shard and (table rank 0) the meta. No collective."""
     folder = Path(folder)
-    atomic_write(folder / snapshot.shard_name, lambda f: torch.save(snapshot.shard, f))
+    atomic_torch_save(snapshot.shard, folder / snapshot.shard_name)
     if snapshot.meta is not None:
         atomic_write_text(folder / META, json.dumps(snapshot.meta, indent=1, sort_keys=True))
 
