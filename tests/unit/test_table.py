@@ -218,3 +218,33 @@ def test_a_table_reloaded_into_a_fresh_process_state_continues_bit_for_bit(use_c
         assert torch.equal(resumed.rows, continuous.rows), f"rows differ after resuming at step {stop}"
         for name in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(_dense_state(resumed, name), _dense_state(continuous, name)), (name, stop)
+
+
+
+def test_counters_lose_no_count_from_the_prefetch_thread(monkeypatch):
+    """The prefetch thread counts its lookups while the trainer reads and resets the counters every log step: a count
+    arriving between the read and the reset lands in the next read, not in the discarded dict. Made to happen on
+    every read: the fresh counters are built (inside ``stats``) while another thread counts; it either finishes
+    (the bug: its count is lost) or blocks on the lock until the reset is done; removing the lock from either
+    ``count`` or ``stats`` fails this. Race-free either way: the final
+    total is read after every counting thread has ended."""
+    import threading
+
+    import engram_train.memory.table as table_module
+
+    table = ShardedEngramTable(N, D, seed=3, use_cpu_adam=False)
+    zero_stats, counters = table_module._zero_stats, []
+
+    def zero_stats_while_counting():
+        counter = threading.Thread(target=table.count, kwargs={"lookups": 1})
+        counter.start()
+        counter.join(timeout=0.2)  # long enough for an unblocked count to finish
+        counters.append(counter)
+        return zero_stats()
+
+    monkeypatch.setattr(table_module, "_zero_stats", zero_stats_while_counting)
+    seen = sum(table.stats(reset=True)["lookups"] for _ in range(5))
+    for counter in counters:
+        counter.join()
+    seen += table.stats(reset=False)["lookups"]
+    assert len(counters) == 5 and seen == 5
