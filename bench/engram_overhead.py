@@ -23,8 +23,8 @@ import torch
 from engram_train.backbone import build_model
 from engram_train.config import Config, validate
 from engram_train.engram import NgramHasher
-from engram_train.memory import ShardedEngramTable, TablePrefetcher, UniqueIds
-from engram_train.optim import configure_optimizer
+from engram_train.memory import RowTransfer, ShardedEngramTable, TablePrefetcher, UniqueIds
+from engram_train.optim import clip_coefficient, configure_optimizer, global_grad_norm
 from engram_train.parallel import ParallelDims, destroy_process_groups, init_process_groups
 from engram_train.throughput import activated_parameters
 from engram_train.train_step import StepPlan, apply_update, train_step
@@ -57,13 +57,19 @@ class Runner:
         self.cfg, self.dims, self.hasher = cfg, dims, hasher
         self.model, self.grad_sync = build_model(cfg, vocab_size=VOCAB, dims=dims)
         self.optimizer = configure_optimizer(self.model, self.grad_sync, cfg.optim, dims)
+        self.groups = groups
         self.table = None
         if hasher is not None:
             self.table = ShardedEngramTable(hasher.num_rows, cfg.engram.head_dim, group=groups.table,
                                             lr=cfg.optim.lr * 5, seed=0, use_cpu_adam=True)
-        self.prefetcher = TablePrefetcher(self.table) if prefetch and self.table is not None else None
+        self.prefetcher = self.make_prefetcher() if prefetch and self.table is not None else None
         self.plan = StepPlan.from_config(cfg, data_parallel_world=1)
         self.generator = np.random.default_rng(0)
+
+    def make_prefetcher(self) -> TablePrefetcher:
+        """As the trainer builds it: with the backbone on a GPU the thread also starts each row copy to it."""
+        device = next(self.model.parameters()).device
+        return TablePrefetcher(self.table, RowTransfer.for_device(device) if device.type == "cuda" else None)
 
     def batches(self):
         while True:
@@ -79,8 +85,15 @@ class Runner:
         times = []
         for _ in range(steps):
             start = time.perf_counter()
-            train_step(self.model, self.grad_sync, self.table, self.prefetcher, source, self.plan, self.dims)
-            apply_update(self.optimizer, self.table, lr=1e-3, table_lr=5e-3, clip_scale=1.0, dims=self.dims)
+            # the trainer's step: forward/backward, the global grad norm (which also readies a distributed
+            # optimizer's gradients), the update; on a GPU the clock stops once the update has run there too
+            result = train_step(self.model, self.grad_sync, self.table, self.prefetcher, source, self.plan, self.dims)
+            norm = global_grad_norm(self.optimizer.grad_norm_sq(), result.table_grad_norm_sq,
+                                    table_group=self.groups.table)
+            apply_update(self.optimizer, self.table, lr=1e-3, table_lr=5e-3, clip_scale=clip_coefficient(norm, 1.0),
+                         dims=self.dims)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         return times
 

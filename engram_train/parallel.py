@@ -29,6 +29,17 @@ def _launcher_env() -> tuple[int, int, int]:
     return 0, 0, 1
 
 
+def cuda_device_index(local_rank: int) -> int:
+    """This rank's GPU: its local rank among the devices it sees, or device 0 where it sees exactly one (srun
+    --gpus-per-task=1 or GPU binding gives each task its own GPU, seen as device 0 whatever its SLURM_LOCALID)."""
+    count = torch.cuda.device_count()
+    if count == 1 or local_rank < count:
+        return 0 if count == 1 else local_rank
+    raise ConfigError(f"local rank {local_rank} has no GPU of its own: this process sees {count} GPUs "
+                      f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most {count} "
+                      f"ranks per node, or give each task one GPU (srun --gpus-per-task=1)")
+
+
 def _refuse_cpu_when_gpus_were_asked_for() -> None:
     """A launch that asked for GPUs (launch/torchrun.sh --gpus, slurm.sbatch with a GPU allocation: both export
     ENGRAM_GPUS_PER_NODE) must not train on CPU because torch sees none (a CPU-only torch, no driver, a job step
@@ -139,7 +150,7 @@ def init_process_groups(dims: ParallelDims) -> ProcessGroups:
             timeout=datetime.timedelta(seconds=dims.timeout_s),
         )
     if torch.cuda.is_available():
-        torch.cuda.set_device(dims.local_rank)
+        torch.cuda.set_device(cuda_device_index(dims.local_rank))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=dims.tp,
         expert_model_parallel_size=dims.ep,

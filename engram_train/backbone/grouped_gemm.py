@@ -20,7 +20,9 @@ from megatron.core.transformer.moe import grouped_gemm_util
 def gmm(a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool = False) -> torch.Tensor:
     """``grouped_gemm.ops.gmm``: rows ``a[start_e:end_e]`` times ``b[e]`` for each expert e, ``batch_sizes[e]`` rows
     each (a [tokens, k], b [experts, k, n], or [experts, n, k] with ``trans_b``)."""
-    offsets = torch.cumsum(batch_sizes.to(device=a.device), dim=0, dtype=torch.int32)
+    # Megatron's dispatcher hands the sizes over on the host (already synchronised there): sum them there and copy
+    # without blocking, not a blocking copy that would drain the GPU before every grouped GEMM.
+    offsets = torch.cumsum(batch_sizes, dim=0, dtype=torch.int32).to(a.device, non_blocking=True)
     return torch._grouped_mm(a, b.transpose(-1, -2) if trans_b else b, offs=offsets)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,15 @@ class Kernels:
         else:
             experts = f"grouped GEMM (GroupedMLP, {grouped_gemm_backend()})"
         return f"precision {precision} | attention {self.attention} | experts {experts} | recompute {self.recompute}"
+
+
+def fused_softmax_available() -> bool:
+    """Whether Megatron's fused masked-softmax kernels import (local attention in bf16 on a GPU uses them when
+    ``masked_softmax_fusion`` is on). They are CUDA extensions from Apex or Megatron's legacy fused kernels, not in
+    our dependencies; Megatron checks only the setting and then fails at its first call (``import
+    scaled_masked_softmax_cuda``) instead of falling back to torch's softmax."""
+    names = ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda", "scaled_softmax_cuda")
+    return all(importlib.util.find_spec(name) is not None for name in names)
 
 
 def _resolve_experts(model: ModelConfig, precision: str, attention: str, on_gpu: bool, expert_tp: int) -> str:

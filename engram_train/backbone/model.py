@@ -22,7 +22,7 @@ from torch import nn
 
 from engram_train.config import EngramConfig, ModelConfig
 from engram_train.backbone.init import canonical_init_
-from engram_train.backbone.kernels import Kernels
+from engram_train.backbone.kernels import Kernels, fused_softmax_available
 from engram_train.backbone.moe_stats import MoELoadTracker
 from engram_train.engram.module import EngramBlock
 
@@ -89,7 +89,7 @@ def transformer_config(model: ModelConfig, kernels: Kernels, *, tp: int, ep: int
         gradient_accumulation_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
-        masked_softmax_fusion=not on_cpu,
+        masked_softmax_fusion=not on_cpu and fused_softmax_available(),
         persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
         **kernels.transformer_config_kwargs(),

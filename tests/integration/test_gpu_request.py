@@ -23,3 +23,21 @@ def test_the_trainer_refuses_to_fall_back_to_cpu_when_the_launch_asked_for_gpus(
                                  "torch"), result.stderr[-2000:]
     assert "refusing to train on CPU" in errors[-1] and "unset ENGRAM_GPUS_PER_NODE" in errors[-1]
     assert not run_dir.exists(), "refused before any work"
+
+
+def test_each_rank_binds_its_own_gpu_or_is_told_why_not(monkeypatch):
+    """torchrun / srun with every GPU visible: local rank r takes device r. srun --gpus-per-task=1 (or GPU binding):
+    every task sees one device, index 0, whatever its SLURM_LOCALID. More ranks than visible GPUs: a one-line error
+    instead of CUDA's 'invalid device ordinal' (or two ranks silently sharing a GPU)."""
+    import pytest
+    import torch
+
+    from engram_train.config import ConfigError
+    from engram_train.parallel import cuda_device_index
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert [cuda_device_index(r) for r in range(8)] == list(range(8))
+    with pytest.raises(ConfigError, match=r"^local rank 8 has no GPU of its own: this process sees 8 GPUs"):
+        cuda_device_index(8)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert [cuda_device_index(r) for r in range(4)] == [0, 0, 0, 0]
