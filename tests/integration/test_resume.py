@@ -85,7 +85,7 @@ def _wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout:
         if metrics.exists() and any(json.loads(l).get("step") == step for l in metrics.read_text().splitlines() if l):
             return
         assert process.poll() is None, f"trainer exited early with {process.returncode}"
-        time.sleep(0.2)
+        time.sleep(0.02)  # the signal tests act on this line while the trainer runs on: react fast
     raise TimeoutError(f"step {step} never logged in {metrics}")
 
 
@@ -225,7 +225,13 @@ def test_a_dead_rank_makes_the_survivor_fail_fast_and_the_last_complete_checkpoi
     assert not alive_processes(helpers)
     latest = checkpoints.latest()
     others = [d.name for d in (run_dir / "checkpoints").iterdir() if d != latest and not (d / MARKER).exists()]
-    assert others and all(name.endswith(".partial") for name in others), others
+    assert all(name.endswith(".partial") for name in others), others  # a save cut short stays partial
+    if not others:
+        # Rank 1 was killed while a save was in flight (the wait above), but that save may have been sealed before
+        # rank 0 noticed; then nothing was in flight when it died, and the newest checkpoint is its last step's (or
+        # the one before, where it died between logging a step and starting that step's save).
+        last_logged = max(json.loads(line).get("step", 0) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+        assert int(latest.name.split("_")[1]) >= last_logged - 1, (latest, last_logged)
 
     # The checkpoint is whole: a single process loads all of it (backbone and table resharded to world 1).
     state, meta = _load_in_one_process(tiny_config("experiment.wandb.mode=disabled"), latest)
