@@ -12,15 +12,17 @@ its size is recorded in the manifest. Many rows go into one tar sample (``tokens
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import multiprocessing
 import os
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
 from data_pipelines.tokenizer import sha256_file
@@ -72,6 +74,35 @@ def _chunks(docs_path: Path) -> Iterator[list[str]]:
         yield chunk
 
 
+def _encoded_chunks(docs_path: Path, args: tuple, workers: int, desc: str) -> Iterator[tuple[bytes, int]]:
+    """``_encode`` of every chunk, in order, on ``workers`` processes with at most two chunks each in flight.
+
+    Workers come from a fork server (a fresh single-threaded process that has imported this module), not from a
+    fork of the caller: forking a process with live threads (the tokenizers pool that trained the BPE, torch's, a
+    test runner's) can crash the child (seen: a segfault while garbage-collecting, in the test suite), and a
+    ``multiprocessing.Pool`` whose worker dies waits forever. Here a dead worker stops the run with its reason.
+    """
+    if workers <= 1:
+        _init_worker(*args)
+        yield from map(_encode, _chunks(docs_path))
+        return
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # imported once in the server, not in every worker
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=args) as pool:
+            pending = collections.deque()
+            for chunk in _chunks(docs_path):
+                pending.append(pool.submit(_encode, chunk))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+    except BrokenProcessPool as error:
+        raise RuntimeError(f"{desc}: a tokenizer worker process died ({error}); rerun with --workers 1 to see "
+                           f"its error in this process") from error
+
+
 def tokenize_spool(
     docs_path: Path, tokens_path: Path, tokenizer_json: str, eos: int, dtype: np.dtype, workers: int, total_chars: int, desc: str
 ) -> int:
@@ -80,26 +111,10 @@ def tokenize_spool(
     n_tokens = 0
     bar = tqdm(total=total_chars, unit="char", unit_scale=True, desc=desc, leave=False)
     with open(tokens_path, "wb") as out:
-        if workers <= 1:
-            _init_worker(*args)
-            results = map(_encode, _chunks(docs_path))
-            pool = None
-        else:
-            # fork, not spawn: a spawned child re-imports torch (via webdataset), ~14 s on 2 busy cores. The
-            # tokenizers thread pool the parent used for BPE training is disabled in forked children, and
-            # the variable keeps it quiet about that.
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"
-            pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=args)
-            results = pool.imap(_encode, _chunks(docs_path), chunksize=1)
-        try:
-            for data, chars in results:
-                out.write(data)
-                n_tokens += len(data) // dtype.itemsize
-                bar.update(chars)
-        finally:
-            if pool is not None:
-                pool.close()
-                pool.join()
+        for data, chars in _encoded_chunks(docs_path, args, workers, desc):
+            out.write(data)
+            n_tokens += len(data) // dtype.itemsize
+            bar.update(chars)
     bar.close()
     return n_tokens
 
@@ -139,6 +154,8 @@ def write_shards(
     n_samples = -(-n_seq // per_sample)
     per_shard = max(1, n_samples // min_shards)
     shards: list[dict] = []
+    import webdataset as wds  # here, not at the top: tokenizer workers import this module and need no torch
+
     sink = wds.ShardWriter(str(out_dir / f"{split}-%06d.tar"), maxcount=per_shard, verbose=0, mtime=0)
     windows = np.lib.stride_tricks.sliding_window_view(stream, seq_len + 1)
     order = sequence_order(n_seq, split, seed)
