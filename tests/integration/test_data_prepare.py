@@ -151,3 +151,17 @@ def test_help_is_clear():
     assert result.returncode == 0
     for flag in ("--out", "--source", "--max-mb", "--tokenizer", "--shards", "--seq-len", "--force"):
         assert flag in result.stdout
+
+
+def test_a_tokenizer_worker_that_dies_stops_the_run_with_its_reason(tmp_path):
+    """A worker process that dies (here its tokenizer fails to load in the initializer, as a crash would end it)
+    must stop tokenization with a one-line reason and the fix; a multiprocessing.Pool respawns such workers and
+    waits forever."""
+    from data_pipelines import pack
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(8)))
+    with pytest.raises(RuntimeError, match=r"^tokenize train: a tokenizer worker process died \(.*\); rerun with "
+                                           r"--workers 1 to see its error in this process$"):
+        pack.tokenize_spool(docs, tmp_path / "tokens.bin", "not a tokenizer", 0, np.dtype(np.uint16), 2, 100,
+                            "tokenize train")
