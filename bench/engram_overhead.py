@@ -23,7 +23,7 @@ import torch
 from engram_train.backbone import build_model
 from engram_train.config import Config, validate
 from engram_train.engram import NgramHasher
-from engram_train.memory import RowTransfer, ShardedEngramTable, TablePrefetcher, UniqueIds
+from engram_train.memory import ShardedEngramTable, TablePrefetcher, UniqueIds
 from engram_train.optim import clip_coefficient, configure_optimizer, global_grad_norm
 from engram_train.parallel import ParallelDims, destroy_process_groups, init_process_groups
 from engram_train.throughput import activated_parameters
@@ -67,9 +67,8 @@ class Runner:
         self.generator = np.random.default_rng(0)
 
     def make_prefetcher(self) -> TablePrefetcher:
-        """As the trainer builds it: with the backbone on a GPU the thread also starts each row copy to it."""
-        device = next(self.model.parameters()).device
-        return TablePrefetcher(self.table, RowTransfer.for_device(device) if device.type == "cuda" else None)
+        """As the trainer builds it (on a GPU the thread also starts the row copies)."""
+        return TablePrefetcher.for_device(self.table, next(self.model.parameters()).device)
 
     def batches(self):
         while True:

@@ -40,7 +40,7 @@ from engram_train import relaunch
 from engram_train.config import Config, ConfigError, to_config, validate
 from engram_train.data import build_train_loader, build_val_loader, open_dataset
 from engram_train.engram import NgramHasher
-from engram_train.memory import RowTransfer, ShardedEngramTable, TablePrefetcher
+from engram_train.memory import ShardedEngramTable, TablePrefetcher
 from engram_train.memory.prefetch import core_is_free_for_prefetch
 from engram_train.metrics import HISTOGRAM_PREFIX, MetricsLogger, use_own_wandb_service
 from engram_train.optim import (
@@ -160,9 +160,8 @@ def build_run(cfg: Config, dims: ParallelDims, groups, checkpointer: Checkpointe
     table = build_table(cfg, hasher, groups.table) if hasher is not None else None
     prefetcher = None
     if table is not None and prefetch_in_background(cfg, model, groups.table):
-        device = next(model.parameters()).device
-        transfer = RowTransfer.for_device(device) if device.type == "cuda" else None  # the thread starts the copies
-        prefetcher = stack.enter_context(contextlib.closing(TablePrefetcher(table, transfer)))
+        prefetcher = TablePrefetcher.for_device(table, next(model.parameters()).device)
+        prefetcher = stack.enter_context(contextlib.closing(prefetcher))
     loader = build_train_loader(cfg.data, micro_batch_size=x.micro_batch_size, hasher=hasher,
                                 dp_rank=groups.data_parallel_rank, dp_world=groups.data_parallel_world, seed=x.seed,
                                 eos_reset=cfg.engram.reset_at_doc_boundary, dataset=dataset)

@@ -62,6 +62,11 @@ class TablePrefetcher:
         self._ids: torch.Tensor | None = None
         self._version = -1
 
+    @classmethod
+    def for_device(cls, table: ShardedEngramTable, device: torch.device) -> "TablePrefetcher":
+        """For a backbone on ``device``: on a GPU the thread also starts each lookup's copy to it."""
+        return cls(table, RowTransfer.for_device(device) if device.type == "cuda" else None)
+
     def submit(self, ids: torch.Tensor, unique: UniqueIds | None = None) -> None:
         if self._future is not None:
             raise RuntimeError("TablePrefetcher.submit: the previous prefetch was never collected; call result() first")
