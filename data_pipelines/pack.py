@@ -86,7 +86,6 @@ def _encoded_chunks(docs_path: Path, args: tuple, workers: int, desc: str) -> It
         _init_worker(*args)
         yield from map(_encode, _chunks(docs_path))
         return
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])  # imported once in the server, not in every worker
     try:

@@ -33,8 +33,10 @@ def cuda_device_index(local_rank: int) -> int:
     """This rank's GPU: its local rank among the devices it sees, or device 0 where it sees exactly one (srun
     --gpus-per-task=1 or GPU binding gives each task its own GPU, seen as device 0 whatever its SLURM_LOCALID)."""
     count = torch.cuda.device_count()
-    if count == 1 or local_rank < count:
-        return 0 if count == 1 else local_rank
+    if count == 1:
+        return 0
+    if local_rank < count:
+        return local_rank
     raise ConfigError(f"local rank {local_rank} has no GPU of its own: this process sees {count} GPUs "
                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most {count} "
                       f"ranks per node, or give each task one GPU (srun --gpus-per-task=1)")

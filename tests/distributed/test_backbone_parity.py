@@ -146,6 +146,7 @@ def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetc
                 if resume_experts is None:
                     model, sync, optimizer = _loaded_with_experts(cfg, dims, grad_sync, experts, checkpointer, path,
                                                                   table, dp_rank)
+                    loaded = _adam_state(optimizer)
                 else:
                     # Resumed with the other expert layout. Its exactness: that model, saved again and loaded back
                     # into this layout, gives the saved weights and Adam state exactly (the other direction, grouped
@@ -162,9 +163,8 @@ def _run(rank: int, world: int, tp: int, ep: int, aux_loss_coeff: float, prefetc
                     assert _tensors(round_trip.state_dict()).keys() == weights.keys()
                     assert all(torch.equal(weights[k], v) for k, v in _tensors(round_trip.state_dict()).items()), \
                         f"{experts} -> {resume_experts} -> {experts} gives the weights back exactly"
-                    optimizer_back = _adam_state(round_trip_optimizer)
+                    loaded = _adam_state(round_trip_optimizer)
                     cfg.model.experts = resume_experts
-                loaded = _adam_state(optimizer) if resume_experts is None else optimizer_back
                 assert saved and len(loaded) == len(saved) and all(torch.equal(a, b) for a, b in zip(saved, loaded)), \
                     "the backbone optimizer's main parameters and moments come back exactly, each to its own parameter"
             result = train_step(model, sync, table, prefetcher, batches, plan, dims)

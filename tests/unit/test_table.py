@@ -220,14 +220,13 @@ def test_a_table_reloaded_into_a_fresh_process_state_continues_bit_for_bit(use_c
             assert torch.equal(_dense_state(resumed, name), _dense_state(continuous, name)), (name, stop)
 
 
-
 def test_counters_lose_no_count_from_the_prefetch_thread(monkeypatch):
     """The prefetch thread counts its lookups while the trainer reads and resets the counters every log step: a count
     arriving between the read and the reset lands in the next read, not in the discarded dict. Made to happen on
     every read: the fresh counters are built (inside ``stats``) while another thread counts; it either finishes
     (the bug: its count is lost) or blocks on the lock until the reset is done; removing the lock from either
-    ``count`` or ``stats`` fails this. Race-free either way: the final
-    total is read after every counting thread has ended."""
+    ``count`` or ``stats`` fails this. Race-free either way: the final total is read after every counting thread
+    has ended."""
     import threading
 
     import engram_train.memory.table as table_module
