@@ -86,6 +86,7 @@ def _encoded_chunks(docs_path: Path, args: tuple, workers: int, desc: str) -> It
         _init_worker(*args)
         yield from map(_encode, _chunks(docs_path))
         return
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as before the fork server: later forks of this process stay quiet
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])  # imported once in the server, not in every worker
     try:
