@@ -221,7 +221,11 @@ class Checkpointer:
         if self.in_flight is None:
             return
         while self._calls.async_calls:  # megatron-core's queue of started writers (one per save in flight)
-            self._calls.async_calls.popleft().async_caller.close(abort=True)
+            caller = self._calls.async_calls.popleft().async_caller
+            process = caller.process
+            caller.close(abort=True)  # sends SIGKILL and returns: the writer may still be running, then a zombie
+            if process is not None:
+                process.join(timeout=60)  # reaped: gone when abandon returns, not at some later fork
         self.in_flight = None
 
     def _finish(self, *, blocking: bool) -> Path | None:

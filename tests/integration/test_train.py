@@ -94,6 +94,13 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:  # gone meanwhile
+        return ""
+
+
 def _children_named(comm: str) -> list[int]:
     children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
     return [int(c) for c in children if Path(f"/proc/{c}/comm").exists() and Path(f"/proc/{c}/comm").read_text().strip() == comm]
@@ -129,8 +136,9 @@ def test_a_failure_mid_run_finishes_wandb_as_failed_and_leaves_no_thread_or_work
     left = [t for t in set(threading.enumerate()) - threads if t.is_alive() and not t.name.startswith(("wandb-", "Otel"))]
     assert not left, f"threads left behind: {left}"
     assert not _children_named("pt_data_worker"), "loader worker left behind"
-    # step 1's background checkpoint writer (a fork of this process, as the loader workers; still writing) is gone
-    forks = [c for c in set(_children()) - children if _cmdline(c) == _cmdline(os.getpid())]
+    # step 1's background checkpoint writer (a fork of this process, as the loader workers; still writing) is gone,
+    # and reaped: killed but not waited for it stays a zombie (state Z, empty cmdline) until some later fork reaps it
+    forks = [c for c in set(_children()) - children if _cmdline(c) == _cmdline(os.getpid()) or _state(c) == "Z"]
     assert not forks, f"processes forked by the run left behind: {forks}"
 
 
