@@ -212,7 +212,9 @@ class MegatronDistributedAdam:
                 for param in group["params"]:
                     param_state = part.optimizer.state.get(param)
                     if param_state and "step" in param_state and "step" in group:
-                        param_state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+                        # A new tensor per parameter, where Adam keeps it (CPU, or the parameter's device for a
+                        # fused/capturable Adam)
+                        param_state["step"] = torch.full_like(param_state["step"], float(group["step"]))
 
 
 def configure_optimizer(model: torch.nn.Module, grad_sync, optim: OptimConfig, dims) -> TorchAdamW | MegatronDistributedAdam:
