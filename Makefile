@@ -12,7 +12,7 @@ DATA ?= data/debian-docs
 DEBIAN_DOCS := linux-doc-6.1 perl-doc python3.11-doc vim-runtime git-doc dict-gcide dict-wn fortunes postgresql-doc-15
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup corpus data train test test-fast bench clean
+.PHONY: setup corpus data train test test-fast bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -49,6 +49,11 @@ test-fast: setup
 bench: setup data
 	mkdir -p bench/results
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# tests/integration/test_gpu.py then bench/gpu.py on this machine's GPU (launch/gpu_check.sh: logs and gpu.json
+# under outputs/gpu_check/); refuses to run without one.
+gpu-check: setup
+	PYTHON=$(PY) bash launch/gpu_check.sh
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The GPU checks, in one command, on a GPU node: tests/integration/test_gpu.py, then bench/gpu.py.
+#
+#   launch/gpu_check.sh [--wheelhouse DIR] [--out DIR] [--peak-tflops F] [--dry-run] [-- pytest args ...]
+#
+#   --wheelhouse DIR  install these wheels first, without an index and without touching the node's own packages
+#                     (into a folder put first on PYTHONPATH); DIR from launch/offline_wheels.py. For a node that
+#                     has a CUDA PyTorch but cannot reach a package index. Without it the Python on PATH (or
+#                     $PYTHON) must already hold engram-train's dependencies.
+#   --out DIR         logs and results: test_gpu.log, test_gpu.xml (JUnit), bench_gpu.log, gpu.json, env.txt
+#                     (default outputs/gpu_check/<UTC time>)
+#   --peak-tflops F   dense bf16 peak of one GPU, for bench/gpu.py's MFU (default 989: H100/H200 SXM)
+#   --dry-run         run on a machine without a GPU: the tests skip and the bench runs its small CPU
+#                     configuration. Checks the kit (install, imports, data) before GPU time is spent on it.
+#
+# Both steps run even if the first fails; the exit status is the first failure's (2: no GPU, no --dry-run).
+# The trainer runs from this checkout (PYTHONPATH), so nothing is pip-installed into the node's environment.
+set -uo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
+die() { echo "launch/gpu_check.sh: $*" >&2; exit 2; }
+
+WHEELHOUSE="" OUT_DIR="" PEAK=989 DRY_RUN=0
+while (($#)); do
+    case "$1" in
+        --wheelhouse) WHEELHOUSE="${2:?--wheelhouse needs a folder}"; shift 2 ;;
+        --out) OUT_DIR="${2:?--out needs a folder}"; shift 2 ;;
+        --peak-tflops) PEAK="${2:?--peak-tflops needs a number}"; shift 2 ;;
+        --dry-run) DRY_RUN=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        --) shift; break ;;
+        *) die "unknown option $1 (see --help)" ;;
+    esac
+done
+PYTHON="${PYTHON:-python3}"
+OUT_DIR="${OUT_DIR:-$REPO/outputs/gpu_check/$(date -u +%Y%m%dT%H%M%SZ)}"
+mkdir -p "$OUT_DIR" && OUT_DIR="$(cd "$OUT_DIR" && pwd)" || die "cannot create --out $OUT_DIR"
+
+SITE=""
+if [[ -n "$WHEELHOUSE" ]]; then
+    compgen -G "$WHEELHOUSE/*.whl" >/dev/null || die "--wheelhouse $WHEELHOUSE holds no .whl files; build it with launch/offline_wheels.py"
+    SITE="$(mktemp -d -t engram-site.XXXXXX)"
+    trap 'rm -rf "$SITE"' EXIT
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$WHEELHOUSE"/*.whl \
+        || die "installing $WHEELHOUSE failed (see pip's message above)"
+fi
+export PYTHONPATH="${SITE:+$SITE:}$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 WANDB_MODE="${WANDB_MODE:-offline}"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$(bash "$REPO/launch/torchrun.sh" --print-extensions-dir)}"
+cd "$REPO"
+
+"$PYTHON" - >"$OUT_DIR/env.txt" 2>&1 <<'EOF'
+import importlib, platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+print("gpus", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
+for name in ("megatron.core", "hydra", "omegaconf", "webdataset", "wandb", "tokenizers", "deepspeed", "transformer_engine"):
+    try:
+        module = importlib.import_module(name)
+        print(name, getattr(module, "__version__", "?"))
+    except Exception as error:  # transformer_engine is optional; the others make the checks below fail
+        print(name, "NOT IMPORTABLE:", type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+EOF
+cat "$OUT_DIR/env.txt"
+grep -q "NOT IMPORTABLE" <(grep -v "^transformer_engine" "$OUT_DIR/env.txt") \
+    && die "a dependency does not import (see $OUT_DIR/env.txt): pass --wheelhouse from launch/offline_wheels.py"
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    ((DRY_RUN)) || die "torch sees no CUDA GPU here; run this on a GPU node (or --dry-run to check the kit)"
+fi
+
+echo "== tests/integration/test_gpu.py -> $OUT_DIR/test_gpu.log"
+"$PYTHON" -m pytest -q -p no:cacheprovider tests/integration/test_gpu.py --junitxml "$OUT_DIR/test_gpu.xml" "$@" \
+    2>&1 | tee "$OUT_DIR/test_gpu.log"
+status=$?
+echo "== bench/gpu.py -> $OUT_DIR/bench_gpu.log"
+rm -f bench/results/gpu.json
+"$PYTHON" bench/gpu.py --peak-tflops "$PEAK" 2>&1 | tee "$OUT_DIR/bench_gpu.log"
+bench_status=$?
+[[ -f bench/results/gpu.json ]] && cp bench/results/gpu.json "$OUT_DIR/"
+exit $((status ? status : bench_status))
