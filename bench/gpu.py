@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per model")
     parser.add_argument("--rows", type=int, default=None, help="Engram table rows (GPU default 200M, CPU 100k)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of one GPU (H100/H200: 989)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"the JSON result (default {RESULTS})")
     args = parser.parse_args()
     on_gpu = torch.cuda.is_available()
     shape = "gpu" if on_gpu else "cpu"
@@ -152,9 +153,9 @@ def main() -> None:
     print(f"Engram-MoE / MoE step time: {result['ratio_engram_vs_baseline']:.3f}x (goal <= 1.03x)")
     if result["ratio_grouped_vs_sequential_experts"] is not None:
         print(f"MoE step time, grouped / sequential experts: {result['ratio_grouped_vs_sequential_experts']:.3f}x")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
-    print(f"wrote {RESULTS}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ export PYTHONUNBUFFERED=1 WANDB_MODE="${WANDB_MODE:-offline}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$(bash "$REPO/launch/torchrun.sh" --print-extensions-dir)}"
 cd "$REPO"
 
-"$PYTHON" - >"$OUT_DIR/env.txt" 2>&1 <<'EOF'
+"$PYTHON" - >"$OUT_DIR/env.txt" 2>&1 <<'EOF' || { cat "$OUT_DIR/env.txt"; die "$PYTHON cannot import torch (above)"; }
 import importlib, platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
 print("gpus", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
@@ -73,8 +73,6 @@ echo "== tests/integration/test_gpu.py -> $OUT_DIR/test_gpu.log"
     2>&1 | tee "$OUT_DIR/test_gpu.log"
 status=$?
 echo "== bench/gpu.py -> $OUT_DIR/bench_gpu.log"
-rm -f bench/results/gpu.json
-"$PYTHON" bench/gpu.py --peak-tflops "$PEAK" 2>&1 | tee "$OUT_DIR/bench_gpu.log"
+"$PYTHON" bench/gpu.py --peak-tflops "$PEAK" --out "$OUT_DIR/gpu.json" 2>&1 | tee "$OUT_DIR/bench_gpu.log"
 bench_status=$?
-[[ -f bench/results/gpu.json ]] && cp bench/results/gpu.json "$OUT_DIR/"
 exit $((status ? status : bench_status))

@@ -41,3 +41,28 @@ def test_each_rank_binds_its_own_gpu_or_is_told_why_not(monkeypatch):
         cuda_device_index(8)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert [cuda_device_index(r) for r in range(4)] == [0, 0, 0, 0]
+
+
+def test_the_gpu_checks_refuse_a_machine_without_a_gpu_and_their_dry_run_checks_the_kit(tmp_path):
+    """launch/gpu_check.sh (make gpu-check) on a machine whose GPUs are hidden: exit 2 with the reason before any
+    test runs, so no one reads skipped GPU tests as passed. --dry-run runs both steps there (the GPU tests skip,
+    the bench runs its CPU configuration) and leaves the logs and the JSON in --out."""
+    import json
+
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
+    refused = subprocess.run(["bash", "launch/gpu_check.sh", "--out", str(tmp_path / "refused")], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines()[-1] == ("launch/gpu_check.sh: torch sees no CUDA GPU here; run this on "
+                                                       "a GPU node (or --dry-run to check the kit)")
+    assert "megatron.core 0.16.1" in (tmp_path / "refused" / "env.txt").read_text()
+    assert not (tmp_path / "refused" / "test_gpu.log").exists()
+
+    out = tmp_path / "dry"
+    dry = subprocess.run(["bash", "launch/gpu_check.sh", "--dry-run", "--out", str(out)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
+    assert "6 skipped" in (out / "test_gpu.log").read_text()
+    assert 'tests="6"' in (out / "test_gpu.xml").read_text()
+    assert "Engram-MoE / MoE step time:" in (out / "bench_gpu.log").read_text()
+    assert json.loads((out / "gpu.json").read_text())["device"].startswith("cpu (")
