@@ -226,6 +226,8 @@ class Checkpointer:
             caller.close(abort=True)  # sends SIGKILL and returns: the writer may still be running, then a zombie
             if process is not None:
                 process.join(timeout=60)  # reaped: gone when abandon returns, not at some later fork
+                if process.is_alive():
+                    log.warning("checkpoint writer %d did not exit within 60 s of SIGKILL", process.pid)
         self.in_flight = None
 
     def _finish(self, *, blocking: bool) -> Path | None:

