@@ -125,8 +125,10 @@ tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=1.0 optim.lr=2.4e-2
 tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=1.0,0.6,0.8 optim.lr=1.2e-2 experiment.seed=1235
 # the MoE's second seed at 1.2e-2 came out 0.030 above its first: both of its rates with two seeds
 tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=1.0 optim.lr=2.4e-2 experiment.seed=1235
-# session 2026-12-07b: rho 0 and 0.2 at 2.4e-2 with the second seed the MoE has there (rate brackets on equal seeds)
-tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0,0.2 optim.lr=2.4e-2 experiment.seed=1235
+# session 2026-12-07b: rho 0, 0.2 (and 0.4) at 2.4e-2 with the second seed the MoE has there (rate brackets on
+# equal seeds), and rho 0.6's upper rate bracket
+tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0,0.2,0.4 optim.lr=2.4e-2 experiment.seed=1235
+tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.6 optim.lr=2.4e-2
 wait $r10_3x
 $PY -m engram_train.sweep analyze outputs/sweeps/sweep_tiny outputs/sweeps/sweep_tiny_3x outputs/sweeps/sweep_tiny_r10 \
   outputs/sweeps/sweep_tiny_r10_3x --infinite-memory \
