@@ -5,8 +5,9 @@
 #
 #   --wheelhouse DIR  install the wheels of packages the node lacks first, without an index and without touching
 #                     its own packages (into a temporary folder put first on PYTHONPATH); DIR from
-#                     launch/offline_wheels.py. For a node that has a CUDA PyTorch but cannot reach a package index. Without it the Python on PATH (or
-#                     $PYTHON) must already hold engram-train's dependencies.
+#                     launch/offline_wheels.py. For a node that has a CUDA PyTorch but cannot reach a package
+#                     index. Without it the Python on PATH (or $PYTHON) must already hold engram-train's
+#                     dependencies.
 #   --out DIR         logs and results: test_gpu.log, test_gpu.xml (JUnit), bench_gpu.log, gpu.json, env.txt
 #                     (default outputs/gpu_check/<UTC time>)
 #   --peak-tflops F   dense bf16 peak of one GPU, for bench/gpu.py's MFU (default 989: H100/H200 SXM)
