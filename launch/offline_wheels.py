@@ -24,17 +24,14 @@ import tempfile
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 #: Where the walk starts: the trainer and the test runner of the GPU checks.
 ROOTS = ("engram-train", "pytest", "pytest-timeout")
-#: The node's own PyTorch stack: never shipped (names normalised as in PEP 503).
+#: The node's own PyTorch stack: never shipped (names as packaging's canonicalize_name gives them, PEP 503).
 NODE_STACK = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$")
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64"]
-
-
-def normalise(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def installed_closure(roots: tuple[str, ...], version=metadata.version, requires=metadata.requires) -> dict[str, str]:
@@ -44,7 +41,7 @@ def installed_closure(roots: tuple[str, ...], version=metadata.version, requires
     found: dict[str, str] = {}
     todo = list(roots)
     while todo:
-        name = normalise(todo.pop())
+        name = canonicalize_name(todo.pop())
         if name in found or NODE_STACK.match(name):
             continue
         found[name] = version(name).split("+")[0]  # 2.13.0+cpu -> 2.13.0
@@ -61,7 +58,7 @@ def names_on_node(path: Path) -> set[str]:
     for line in path.read_text().splitlines():
         token = re.split(r"[=<>@ ;\t]", line.strip(), maxsplit=1)[0]
         if token and not token.startswith(("#", "-")) and token.lower() != "package":
-            names.add(normalise(token))
+            names.add(canonicalize_name(token))
     return names
 
 
