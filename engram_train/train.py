@@ -12,7 +12,7 @@ log, evaluate, checkpoint. SIGTERM/SIGUSR1 write a checkpoint at the next step a
 from __future__ import annotations
 
 if __name__ == "__main__":  # `python -m engram_train.train --help` (and completion) before torch and Megatron load
-    from engram_train.cli import answered_without_training
+    from engram_train.config_help import answered_without_training
 
     if answered_without_training():
         raise SystemExit(0)
