@@ -11,6 +11,7 @@ import torch
 if not torch.cuda.is_available():
     warnings.filterwarnings("ignore", module=r"megatron\..*")
 
+from engram_train.backbone.kernels import bind_router_gemm_without_te
 from engram_train.backbone.model import EngramLayout, EngramMoEModel
 from engram_train.config import ConfigError
 from engram_train.grad_sync import GradSync, build_grad_sync
@@ -30,6 +31,7 @@ def build_model(cfg, *, vocab_size: int, dims) -> tuple[EngramMoEModel, GradSync
         from engram_train.backbone.cpu_compat import apply_cpu_compat
 
         apply_cpu_compat()
+    bind_router_gemm_without_te()  # on every device: Megatron without TE needs it on a GPU too
     from megatron.core import tensor_parallel
 
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.experiment.seed)

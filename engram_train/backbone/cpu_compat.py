@@ -2,7 +2,8 @@
 
 Megatron assumes CUDA in a handful of places (facts measured in shared/notes/megatron_on_cpu.md).
 ``apply_cpu_compat`` redirects exactly those to the CPU and is called only when no GPU is
-present, so the GPU path runs Megatron untouched. Every redirection is listed here and nowhere else.
+present, so the GPU path runs Megatron as is (``kernels.bind_router_gemm_without_te``, needed on
+every device, is not a CPU redirection). Every redirection is listed here and nowhere else.
 """
 
 from __future__ import annotations
@@ -82,7 +83,6 @@ def apply_cpu_compat() -> None:
     import megatron.core.fusions.fused_softmax as fused_softmax
     import megatron.core.tensor_parallel.mappings as mappings
     import megatron.core.tensor_parallel.random as tp_random
-    import megatron.core.transformer.moe.moe_utils as moe_utils
     import megatron.core.transformer.utils as transformer_utils
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
@@ -101,17 +101,14 @@ def apply_cpu_compat() -> None:
     transformer_utils.get_default_causal_mask = _cpu_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
 
-    # 4. The router's GEMM name only exists when Transformer Engine imports.
-    moe_utils.te_general_gemm = None
-
-    # 5. The alltoall dispatcher makes a CUDA stream in __init__ and syncs with CUDA events.
+    # 4. The alltoall dispatcher makes a CUDA stream in __init__ and syncs with CUDA events.
     MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "cpu: no streams"
     MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = _cpu_dtoh_and_synchronize
 
-    # 6. Gloo lacks uneven all-gather / reduce-scatter (MoE token exchange with TP x EP).
+    # 5. Gloo lacks uneven all-gather / reduce-scatter (MoE token exchange with TP x EP).
     _gloo_uneven_collectives(mappings)
 
-    # 7. Megatron's distributed checkpoint writer synchronises the CUDA stream before reading tensors.
+    # 6. Megatron's distributed checkpoint writer synchronises the CUDA stream before reading tensors.
     torch.cuda.synchronize = lambda device=None: None
 
     _applied = True

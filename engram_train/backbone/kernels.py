@@ -110,6 +110,19 @@ class Kernels:
         return f"precision {precision} | attention {self.attention} | experts {experts} | recompute {self.recompute}"
 
 
+def bind_router_gemm_without_te() -> None:
+    """Bind ``te_general_gemm`` to None in Megatron's MoE utilities when Transformer Engine is absent.
+
+    megatron-core 0.16.1's fp32 router GEMM (``moe_utils.router_gating_linear``, used with
+    ``moe_router_dtype="fp32"``) tests ``te_general_gemm is not None``, but that name is bound only inside the
+    ``try: import transformer_engine`` at the module's top: without TE every MoE forward raises NameError, on a
+    GPU node as on CPU. None is Megatron's own "absent" value there, so its torch GEMM runs."""
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def fused_softmax_available() -> bool:
     """Whether Megatron's fused masked-softmax kernels import (local attention in bf16 on a GPU uses them when
     ``masked_softmax_fusion`` is on). They are CUDA extensions from Apex or Megatron's legacy fused kernels, not in
