@@ -150,6 +150,7 @@ class CpuAdam(TorchAdam):
     """
 
     _op = None
+    _load_error: Exception | None = None  # a failed build is not retried by every table of this process
     _next_id = 10_000  # away from DeepSpeedCPUAdam's own ids (they count from 0)
     _lock = threading.Lock()
 
@@ -163,12 +164,20 @@ class CpuAdam(TorchAdam):
 
     @classmethod
     def load_op(cls):
-        """Load (building on first use, ~45 s; cached in TORCH_EXTENSIONS_DIR) the cpu_adam op."""
+        """Load (building on first use, ~45 s; cached in TORCH_EXTENSIONS_DIR) the cpu_adam op. A failure is kept
+        and raised again: a build that fails late (a compiler error after tens of seconds) costs that once a
+        process, not once for every table a process builds."""
         with cls._lock:
+            if cls._load_error is not None:
+                raise cls._load_error
             if cls._op is None:
-                from deepspeed.ops.op_builder import CPUAdamBuilder
+                try:
+                    from deepspeed.ops.op_builder import CPUAdamBuilder
 
-                cls._op = CPUAdamBuilder().load(verbose=False)
+                    cls._op = CPUAdamBuilder().load(verbose=False)
+                except Exception as error:
+                    cls._load_error = error
+                    raise
         return cls._op
 
     def _apply(self, p, g, s, lr, step):

@@ -62,6 +62,37 @@ def test_five_steps_match_sparse_adam(use_cpu_adam):
     assert table.optim.num_slots == touched.numel() and (table.optim.slot[300:] == -1).all()
 
 
+CPU_ADAM_BUILD_FAILS_TWICE = """
+import os, pathlib, shutil, warnings
+from engram_train.memory.table import ShardedEngramTable
+extensions = pathlib.Path(os.environ["TORCH_EXTENSIONS_DIR"])
+for attempt in range(2):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = ShardedEngramTable(64, 8, seed=1, use_cpu_adam=True)
+    assert type(table.optim).__name__ == "TorchAdam", table.optim
+    assert any("cpu_adam unavailable" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    print(attempt, "build folders:", sorted(p.name for p in extensions.iterdir()))
+    shutil.rmtree(extensions)
+    extensions.mkdir()
+"""
+
+
+def test_a_failed_cpu_adam_build_falls_back_to_torch_adam_and_is_not_retried(tmp_path):
+    """No working C++ compiler (CXX=/bin/false) and an empty build cache: the first table tries the real DeepSpeed
+    build, warns and uses torch Adam; the second table of the process falls back without starting a build again."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "CXX": "/bin/false", "PYTHONWARNINGS": "ignore"}
+    (tmp_path / "ext").mkdir()
+    result = subprocess.run([sys.executable, "-c", CPU_ADAM_BUILD_FAILS_TWICE], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "0 build folders: ['cpu_adam']" in result.stdout, result.stdout  # the first table did try to build
+    assert "1 build folders: []" in result.stdout, result.stdout
+
+
 def test_cpu_adam_kernel_matches_torch_path():
     tables = [ShardedEngramTable(N, D, seed=1, use_cpu_adam=flag) for flag in (True, False)]
     assert type(tables[0].optim).__name__ == "CpuAdam", "DeepSpeed cpu_adam did not load"
