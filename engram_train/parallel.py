@@ -135,6 +135,8 @@ def init_process_groups(dims: ParallelDims) -> ProcessGroups:
     """Start torch.distributed (a one-process group when not launched by torchrun/SLURM) and Megatron's groups."""
     from megatron.core import parallel_state
 
+    if torch.cuda.is_available():  # before any NCCL communicator exists, so each binds to this rank's device
+        torch.cuda.set_device(cuda_device_index(dims.local_rank))
     if not dist.is_initialized():
         if dims.world == 1 and "MASTER_ADDR" not in os.environ:
             init_method = f"tcp://127.0.0.1:{_free_port()}"
@@ -151,8 +153,6 @@ def init_process_groups(dims: ParallelDims) -> ProcessGroups:
             world_size=dims.world,
             timeout=datetime.timedelta(seconds=dims.timeout_s),
         )
-    if torch.cuda.is_available():
-        torch.cuda.set_device(cuda_device_index(dims.local_rank))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=dims.tp,
         expert_model_parallel_size=dims.ep,
