@@ -49,7 +49,8 @@ def test_each_rank_binds_its_own_gpu_or_is_told_why_not(monkeypatch):
 def test_the_gpu_checks_refuse_a_machine_without_a_gpu_and_their_dry_run_checks_the_kit(tmp_path):
     """launch/gpu_check.sh (make gpu-check) on a machine whose GPUs are hidden: exit 2 with the reason before any
     test runs, so no one reads skipped GPU tests as passed. --dry-run runs both steps there (the GPU tests skip,
-    the bench runs its CPU configuration) and leaves the logs and the JSON in --out."""
+    the bench runs its CPU configuration) and leaves the logs and the JSON in --out; with --test-timeout the bench
+    runs even when the tests do not finish in time."""
     import json
 
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
@@ -76,6 +77,14 @@ def test_the_gpu_checks_refuse_a_machine_without_a_gpu_and_their_dry_run_checks_
     assert tests >= 6 and skipped == tests, "every GPU test collected, and skipped without a GPU"
     assert "Engram-MoE / MoE step time:" in (out / "bench_gpu.log").read_text()
     assert json.loads((out / "gpu.json").read_text())["device"].startswith("cpu (")
+
+    # --test-timeout: tests interrupted past it (1 s: pytest is still importing torch), the bench runs anyway.
+    out = tmp_path / "short"
+    short = subprocess.run(["bash", "launch/gpu_check.sh", "--dry-run", "--test-timeout", "1", "--out", str(out)],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert short.returncode == 124, short.stdout[-3000:] + short.stderr[-3000:]
+    assert "== the tests ran past --test-timeout 1 s and were interrupted" in (out / "test_gpu.log").read_text()
+    assert "Engram-MoE / MoE step time:" in (out / "bench_gpu.log").read_text()
 
 
 def _write_wheel(folder: Path, name: str, version: str, init: str) -> None:
