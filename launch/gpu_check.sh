@@ -82,6 +82,14 @@ for name in ("megatron.core", "hydra", "omegaconf", "webdataset", "wandb", "toke
         print(name, getattr(module, "__version__", "?"))
     except Exception as error:  # transformer_engine is optional; the others make the checks below fail
         print(name, "NOT IMPORTABLE:", type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+if torch.cuda.is_available():  # Megatron's grouped experts torch.compile their activation (Inductor: Triton + a C compiler)
+    import time
+    start = time.perf_counter()
+    try:
+        torch.compile(lambda x: torch.nn.functional.silu(x) * x)(torch.ones(64, device="cuda", dtype=torch.bfloat16))
+        print(f"torch.compile on cuda: ok ({time.perf_counter() - start:.1f} s)")
+    except Exception as error:  # reported, not fatal: the tests show what it breaks
+        print("torch.compile on cuda: FAILED:", type(error).__name__, str(error).splitlines()[0] if str(error) else "")
 EOF
 cat "$OUT_DIR/env.txt"
 grep -q "NOT IMPORTABLE" <(grep -v "^transformer_engine" "$OUT_DIR/env.txt") \
