@@ -129,9 +129,11 @@ tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=1.0 optim.lr=2.4e-2 
 # equal seeds), and rho 0.6's upper rate bracket
 tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0,0.2,0.4 optim.lr=2.4e-2 experiment.seed=1235
 tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.6 optim.lr=2.4e-2
-# session 2026-12-07c: rho 0.6's second seed at 2.4e-2 (rho 0, 0.2, 0.4, 0.6 and the MoE then have 1.2e-2 and
-# 2.4e-2 on two seeds each)
+# session 2026-12-07c: rho 0.6's second seed and rho 0.8 at 2.4e-2 (every rho then has 1.2e-2 and 2.4e-2 on two
+# seeds each)
 tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.6 optim.lr=2.4e-2 experiment.seed=1235
+tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.8 optim.lr=2.4e-2
+tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.8 optim.lr=2.4e-2 experiment.seed=1235
 wait $r10_3x
 $PY -m engram_train.sweep analyze outputs/sweeps/sweep_tiny outputs/sweeps/sweep_tiny_3x outputs/sweeps/sweep_tiny_r10 \
   outputs/sweeps/sweep_tiny_r10_3x --infinite-memory \
