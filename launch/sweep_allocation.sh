@@ -134,6 +134,9 @@ tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.6 optim.lr=2.4e-2
 tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.6 optim.lr=2.4e-2 experiment.seed=1235
 tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.8 optim.lr=2.4e-2
 tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.8 optim.lr=2.4e-2 experiment.seed=1235
+# and the lower rate bracket of rho 0.4-0.8 (rho 0 and 0.2 had 6e-3 already)
+tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.4,0.6,0.8 optim.lr=6e-3
+tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.8 optim.lr=6e-3 experiment.seed=1235
 wait $r10_3x
 $PY -m engram_train.sweep analyze outputs/sweeps/sweep_tiny outputs/sweeps/sweep_tiny_3x outputs/sweeps/sweep_tiny_r10 \
   outputs/sweeps/sweep_tiny_r10_3x --infinite-memory \
