@@ -72,4 +72,3 @@ def answered_without_training() -> bool:
         compose_only()
         return True
     return False
-

@@ -74,6 +74,7 @@ cd "$REPO"
 
 "$PYTHON" - >"$OUT_DIR/env.txt" 2>&1 <<'EOF' || { cat "$OUT_DIR/env.txt"; die "$PYTHON cannot import torch (above)"; }
 import importlib, platform, torch
+first_line = lambda error: str(error).splitlines()[0] if str(error) else ""
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
 print("gpus", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
 for name in ("megatron.core", "hydra", "omegaconf", "webdataset", "wandb", "tokenizers", "deepspeed", "transformer_engine"):
@@ -81,7 +82,7 @@ for name in ("megatron.core", "hydra", "omegaconf", "webdataset", "wandb", "toke
         module = importlib.import_module(name)
         print(name, getattr(module, "__version__", "?"))
     except Exception as error:  # transformer_engine is optional; the others make the checks below fail
-        print(name, "NOT IMPORTABLE:", type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        print(name, "NOT IMPORTABLE:", type(error).__name__, first_line(error))
 if torch.cuda.is_available():  # Megatron's grouped experts torch.compile their activation (Inductor: Triton + a C compiler)
     import time
     start = time.perf_counter()
@@ -89,7 +90,7 @@ if torch.cuda.is_available():  # Megatron's grouped experts torch.compile their 
         torch.compile(lambda x: torch.nn.functional.silu(x) * x)(torch.ones(64, device="cuda", dtype=torch.bfloat16))
         print(f"torch.compile on cuda: ok ({time.perf_counter() - start:.1f} s)")
     except Exception as error:  # reported, not fatal: the tests show what it breaks
-        print("torch.compile on cuda: FAILED:", type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        print("torch.compile on cuda: FAILED:", type(error).__name__, first_line(error))
 EOF
 cat "$OUT_DIR/env.txt"
 grep -q "NOT IMPORTABLE" <(grep -v "^transformer_engine" "$OUT_DIR/env.txt") \
