@@ -35,8 +35,9 @@ INFINITE_MEMORY_SERIES = "infinite_memory"
 
 
 def write_run_result(run_dir: Path, cfg, summary: dict, record: dict, *, state: dict, flops_per_token: float,
-                     eval_tokens: int) -> Path:
-    """``result.json``: what the analyzer needs from one finished run, written atomically."""
+                     eval_tokens: int, machine: dict) -> Path:
+    """``result.json``: what the analyzer needs from one finished run, and the ``machine`` it ran on, written
+    atomically."""
     allocation = record.get("allocation", {})
     result = {
         "sweep": cfg.experiment.name,
@@ -63,6 +64,7 @@ def write_run_result(run_dir: Path, cfg, summary: dict, record: dict, *, state: 
         "wall_time_s": state.get("train_seconds"),
         "steps": summary["steps"],
         "skipped_steps": summary["skipped_steps"],
+        "machine": machine,
     }
     path = Path(run_dir) / "result.json"
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")
@@ -230,6 +232,7 @@ def analyze_allocation(results: list[dict], *, bootstrap: int = 2000) -> dict:
         entry["paired"] = paired_by_seed(_losses_by_seed(main))
         entry["null_memory"] = _memory_share(runs, curves)
         entry["lr_sweep"] = _lr_table(runs)
+        entry["machines"] = machines(runs)
         analysis[budget] = entry
     return analysis
 
@@ -288,6 +291,16 @@ def paired_by_seed(by_ratio: dict[float, dict[int, float]]) -> list[dict]:
                       "stderr": float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else None,
                       "lower_in": int(np.sum(diffs < 0))})
     return pairs
+
+
+def machines(runs: list[dict]) -> dict[str, int]:
+    """Runs per CPU and kernel set: losses at these scales differ across CPU vendors, so a comparison is cleanest
+    within one machine. Runs written before ``result.json`` recorded it count as "not recorded"."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in runs:
+        m = r.get("machine")
+        counts[f"{m['cpu']} ({m['aten_cpu_capability']})" if m else "not recorded"] += 1
+    return dict(sorted(counts.items()))
 
 
 def _points(points: list[tuple[float, list[float]]]) -> list[dict]:
@@ -425,6 +438,8 @@ def markdown(analysis: dict, memory: dict | None = None) -> str:
                              f"({t['best_lr']:g})" for t in entry["lr_sweep"])
             lines.append(f"- each arm at its own best learning rate (seed means; a rate run with fewer seeds is favoured "
                          f"by the min): {best}")
+        if set(entry["machines"]) != {"not recorded"}:
+            lines.append("- machines (runs): " + ", ".join(f"{name}: {n}" for name, n in entry["machines"].items()))
         lines.append("")
     for budget, entry in (memory or {}).items():
         lines.append(f"## Infinite memory, budget {budget}" + (f" (seeds per point: {entry['seeds']})" if max(entry["seeds"]) > 1 else ""))

@@ -1,4 +1,4 @@
-"""Compute accounting: model FLOPs per token, achieved TFLOP/s and MFU, per-rank memory.
+"""Compute accounting: model FLOPs per token, achieved TFLOP/s and MFU, per-rank memory, and the machine.
 
 FLOPs follow the PaLM/nanoGPT convention (6 x activated matmul parameters per token for forward +
 backward, plus the attention score and value products); MoE layers count only the experts a token
@@ -8,7 +8,9 @@ projections are counted.
 
 from __future__ import annotations
 
+import platform
 import resource
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -66,3 +68,24 @@ def memory_metrics() -> dict:
         if len(values) > 1:
             metrics[f"memory/gpu_peak_mib/rank_{rank}"] = float(values[1])
     return metrics
+
+
+def machine() -> dict:
+    """What rank 0 trained on, for a run's ``result.json``.
+
+    Tokens/s means nothing without it, and at sweep scales the losses themselves differ across CPU vendors
+    (the same AVX2 kernels on an Intel and an AMD machine ended 0.028 nats apart: README, Reproducibility).
+    """
+    cpu = ""
+    try:  # the marketing name; platform.processor() gives only "x86_64" on Linux
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {
+        "cpu": cpu or platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+    }

@@ -60,7 +60,7 @@ from engram_train.scaling import AllocationPlan, apply_allocation, count_paramet
 from engram_train.sweep import write_run_result
 from engram_train.run_assets import check_same_assets, keep_run_assets
 from engram_train.preemption import REQUEUE_EXIT_CODE, PreemptionWatch, hand_over, record_requeue_exit
-from engram_train.throughput import flops_per_token, memory_metrics, throughput_metrics
+from engram_train.throughput import flops_per_token, machine, memory_metrics, throughput_metrics
 from engram_train.train_step import (
     MetricsWindow,
     StepPlan,
@@ -367,7 +367,8 @@ def finish(run: TrainingRun, state: TrainState, logger: MetricsLogger, summary: 
         record = {"params": run.accounting.to_dict(), **({"allocation": allocation.to_dict()} if allocation else {})}
         write_run_result(Path(run.cfg.experiment.run_dir), run.cfg, summary, record, state=asdict(state),
                          flops_per_token=run.flops_per_token,
-                         eval_tokens=run.plan.eval_batches * run.plan.micro_batch_size * run.plan.seq_len * run.dims.dp)
+                         eval_tokens=run.plan.eval_batches * run.plan.micro_batch_size * run.plan.seq_len * run.dims.dp,
+                         machine=machine())
 
 
 def update_or_skip(run: TrainingRun, state: TrainState, logger: MetricsLogger, *, loss: float, grad_norm: float,

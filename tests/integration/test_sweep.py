@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from engram_train.scaling import count_parameters
 
@@ -69,7 +70,7 @@ def _sweep(data: Path, sweep_dir: Path, *extra: str) -> subprocess.CompletedProc
     cmd = [sys.executable, "-m", "engram_train.train", "-m", "experiment=sweep_tiny", f"data.path={data}",
            "data.seq_len=64", "experiment.total_tokens=24576", "experiment.eval_tokens=2048", "experiment.log_every=2",
            f"hydra.sweep.dir={sweep_dir}", "scaling.allocation_ratio=0.5,1.0", *extra]
-    env = {**os.environ, "WANDB_MODE": "offline"}
+    env = {**os.environ, "WANDB_MODE": "offline", "ATEN_CPU_CAPABILITY": "avx2"}  # as launch/sweep_allocation.sh
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -91,6 +92,10 @@ def test_multirun_over_rho_then_rerun_then_analyze(tiny_dataset, tmp_path):
         assert run["tokens"] == 24576 and run["steps"] == 6 and run["budget"] == "tiny" and run["series"] == "engram"
         assert run["flops"] == pytest.approx(run["flops_per_token"] * 24576)
         assert 0 < run["val_loss_stderr"] < 0.5 and run["wall_time_s"] > 0 and run["tokens_per_s"] > 0
+        # Where it ran: the kernels the environment pinned, this torch, this machine's CPU by name.
+        machine = run["machine"]
+        assert machine["aten_cpu_capability"] == "AVX2" and machine["torch"] == torch.__version__
+        assert machine["cpu"] not in ("", "x86_64") and f": {machine['cpu']}\n" in Path("/proc/cpuinfo").read_text()
     # The accounting is in the run's metrics (step 0), its resolved config and its W&B run.
     for name, run in runs.items():
         run_dir = sweep_dir / name

@@ -15,7 +15,8 @@ RATIOS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
 
 
 def _result(root: Path, *, rho: float, loss: float, seed: int = 1, series: str = "engram", budget: str = "b1",
-            tokens: int = 1000, lr: float = 3e-3, rows: int | None = None, null: bool = False) -> None:
+            tokens: int = 1000, lr: float = 3e-3, rows: int | None = None, null: bool = False,
+            machine: dict | None = None) -> None:
     engram_rows = rows if rows is not None else (0 if rho == 1.0 else int(1000 * (1 - rho)) + 8)
     record = {
         "sweep": "synthetic", "budget": budget, "series": series, "seed": seed, "lr": lr, "null_memory": null,
@@ -24,6 +25,7 @@ def _result(root: Path, *, rho: float, loss: float, seed: int = 1, series: str =
                    "allocation_ratio": rho},
         "tokens": tokens, "flops": 6.0 * 100 * tokens, "flops_per_token": 600.0, "tokens_per_param": tokens / 1000,
         "final_val_loss": loss, "val_loss_stderr": 0.001, "tokens_per_s": 1.0, "wall_time_s": 1.0,
+        **({"machine": machine} if machine else {}),
     }
     folder = root / f"{budget}-{series}-{rho}-{seed}-{lr}-{rows}"
     folder.mkdir(parents=True)
@@ -58,6 +60,18 @@ def test_recovers_a_known_interior_minimum_and_reads_the_controls(tmp_path):
     assert len(out["points"]) == len(RATIOS), "lr-sweep and null-memory runs stay off the main curve"
     text = (tmp_path / "out" / "summary.md").read_text()
     assert "memory adds" in text and "(60%)" in text and "best 0.006" in text
+    assert out["machines"] == {"not recorded": 15} and "machines (runs)" not in text, "older results name no machine"
+
+
+def test_names_the_machines_a_budgets_runs_trained_on(tmp_path):
+    amd = {"cpu": "AMD EPYC", "aten_cpu_capability": "AVX2", "threads": 1, "gpu": None, "torch": "2.13.0+cpu"}
+    intel = {**amd, "cpu": "Intel(R) Xeon(R) Platinum"}
+    for i, rho in enumerate(RATIOS):
+        _result(tmp_path, rho=rho, loss=3.0 + rho, machine=(amd, intel, None)[i % 3])
+    out = analyze([tmp_path], tmp_path / "out", wandb_mode="disabled", bootstrap=50)["allocation"]["b1"]
+    assert out["machines"] == {"AMD EPYC (AVX2)": 2, "Intel(R) Xeon(R) Platinum (AVX2)": 2, "not recorded": 2}
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "- machines (runs): AMD EPYC (AVX2): 2, Intel(R) Xeon(R) Platinum (AVX2): 2, not recorded: 2" in text
     assert (tmp_path / "out" / "allocation_ratio.png").stat().st_size > 10_000
 
 
