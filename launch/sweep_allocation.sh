@@ -137,6 +137,13 @@ tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.8 optim.lr=2.4e-2 
 # and the lower rate bracket of rho 0.4-0.8 (rho 0 and 0.2 had 6e-3 already)
 tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.4,0.6,0.8 optim.lr=6e-3
 tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.8 optim.lr=6e-3 experiment.seed=1235
+# session 2026-12-07d: the owed seeds (rho 0.4/0.6 at 6e-3, their third at 1.2e-2; 3x rho 0 and the MoE at 2.4e-2),
+# and 3x's upper rate bracket for every Engram rho on two seeds
+tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.4,0.6 optim.lr=6e-3 experiment.seed=1235
+tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.4,0.6 optim.lr=1.2e-2 experiment.seed=1236
+tuned experiment=sweep_tiny_3x scaling.allocation_ratio=0,1.0,0.6 optim.lr=2.4e-2 experiment.seed=1235
+tuned experiment=sweep_tiny_3x scaling.allocation_ratio=0.2,0.4,0.8,0.9 optim.lr=2.4e-2
+tuned experiment=sweep_tiny_3x scaling.allocation_ratio=0.2,0.4,0.8,0.9 optim.lr=2.4e-2 experiment.seed=1235
 wait $r10_3x
 $PY -m engram_train.sweep analyze outputs/sweeps/sweep_tiny outputs/sweeps/sweep_tiny_3x outputs/sweeps/sweep_tiny_r10 \
   outputs/sweeps/sweep_tiny_r10_3x --infinite-memory \
