@@ -93,9 +93,10 @@ def test_multirun_over_rho_then_rerun_then_analyze(tiny_dataset, tmp_path):
         assert run["flops"] == pytest.approx(run["flops_per_token"] * 24576)
         assert 0 < run["val_loss_stderr"] < 0.5 and run["wall_time_s"] > 0 and run["tokens_per_s"] > 0
         # Where it ran: the kernels the environment pinned, this torch, this machine's CPU by name.
-        machine = run["machine"]
-        assert machine["aten_cpu_capability"] == "AVX2" and machine["torch"] == torch.__version__
-        assert machine["cpu"] not in ("", "x86_64") and f": {machine['cpu']}\n" in Path("/proc/cpuinfo").read_text()
+        machine, cpuinfo = run["machine"], Path("/proc/cpuinfo").read_text()
+        assert machine["torch"] == torch.__version__
+        assert machine["aten_cpu_capability"] == "AVX2" or " avx2" not in cpuinfo
+        assert machine["cpu"] not in ("", "x86_64") and f": {machine['cpu']}\n" in cpuinfo
     # The accounting is in the run's metrics (step 0), its resolved config and its W&B run.
     for name, run in runs.items():
         run_dir = sweep_dir / name
