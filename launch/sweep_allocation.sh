@@ -144,6 +144,12 @@ tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.4,0.6 optim.lr=1.2
 tuned experiment=sweep_tiny_3x scaling.allocation_ratio=0,1.0,0.6 optim.lr=2.4e-2 experiment.seed=1235
 tuned experiment=sweep_tiny_3x scaling.allocation_ratio=0.2,0.4,0.8,0.9 optim.lr=2.4e-2
 tuned experiment=sweep_tiny_3x scaling.allocation_ratio=0.2,0.4,0.8,0.9 optim.lr=2.4e-2 experiment.seed=1235
+# then every tiny_r10_3x point at 1.2e-2 on three seeds, the null-memory control's second seed, and the MoE, rho 0
+# and rho 0.2 at 2.4e-2 on a third seed (both arms' upper brackets on the same seeds)
+tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.8,1.0 optim.lr=1.2e-2 experiment.seed=1236
+train experiment=sweep_tiny_r10_3x scaling.allocation_ratio=0.6 engram.null_memory=true scaling.series=null_memory \
+  optim.lr=1.2e-2 experiment.seed=1235
+tuned experiment=sweep_tiny_r10_3x scaling.allocation_ratio=1.0,0,0.2 optim.lr=2.4e-2 experiment.seed=1236
 wait $r10_3x
 $PY -m engram_train.sweep analyze outputs/sweeps/sweep_tiny outputs/sweeps/sweep_tiny_3x outputs/sweeps/sweep_tiny_r10 \
   outputs/sweeps/sweep_tiny_r10_3x --infinite-memory \
